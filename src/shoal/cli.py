@@ -1,0 +1,162 @@
+"""``shoal scheduler | worker | demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import click
+import psutil
+
+from .comm import install_uvloop
+from .utils import format_bytes, parse_bytes, parse_resources
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve_until_signalled(start, stop) -> None:
+    """Run ``await start()``, then wait for SIGINT/SIGTERM or ``stop`` to end."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopping.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    server = await start()
+    done = asyncio.ensure_future(server.finished())
+    signalled = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait([done, signalled], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    await stop(server)
+    done.cancel()
+
+
+@click.group()
+@click.version_option(package_name="shoal")
+def main() -> None:
+    """Shoal: a fast distributed task scheduler for Python."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
+@click.option("--port", default=8786, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option("--scheduler-file", default=None, help="Write {'address': ...} as JSON here once listening.")
+@click.option("--worker-ttl", default=None, type=float, help="Drop workers silent for this many seconds.")
+@click.option("--log-level", default="info", show_default=True)
+def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: float | None, log_level: str) -> None:
+    """Run the scheduler."""
+    from .scheduler.server import Scheduler
+
+    _setup_logging(log_level)
+    install_uvloop()
+
+    async def start():
+        s = Scheduler(host, port, worker_ttl=worker_ttl)
+        await s.start()
+        if scheduler_file:
+            tmp = scheduler_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"address": s.address, "pid": os.getpid()}, f)
+            os.replace(tmp, scheduler_file)
+        logging.getLogger("shoal.scheduler").info("listening at %s", s.address)
+        return s
+
+    async def stop(s):
+        await s.close()
+
+    asyncio.run(_serve_until_signalled(start, stop))
+
+
+@main.command()
+@click.argument("scheduler_address")
+@click.option("--nthreads", default=1, show_default=True, type=int, help="Threads per worker process.")
+@click.option("--nworkers", default=1, show_default=True, type=int, help="Worker processes to start.")
+@click.option("--name", default=None, help="Worker name (suffixed -0, -1, ... with --nworkers > 1).")
+@click.option("--memory-limit", default="auto", show_default=True, help="Bytes per worker, e.g. 4GB; auto = memory / nworkers.")
+@click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface for the worker's data server.")
+@click.option("--log-level", default="info", show_default=True)
+def worker(
+    scheduler_address: str,
+    nthreads: int,
+    nworkers: int,
+    name: str | None,
+    memory_limit: str,
+    resources: str,
+    host: str,
+    log_level: str,
+) -> None:
+    """Run workers connected to SCHEDULER_ADDRESS."""
+    _setup_logging(log_level)
+    if memory_limit == "auto":
+        limit = psutil.virtual_memory().total // max(1, nworkers)
+    else:
+        limit = parse_bytes(memory_limit)
+    res = parse_resources(resources)
+    if nworkers > 1:
+        sys.exit(_run_many(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level))
+    install_uvloop()
+    from .worker.server import Worker
+
+    async def start():
+        w = Worker(scheduler_address, nthreads=nthreads, name=name, memory_limit=limit, resources=res, host=host)
+        await w.start()
+        return w
+
+    async def stop(w):
+        await w.close("stopped by signal" if not w.close_reason else w.close_reason)
+
+    try:
+        asyncio.run(_serve_until_signalled(start, stop))
+    except Exception as e:  # e.g. the scheduler is unreachable
+        click.echo(f"shoal worker: {e}", err=True)
+        sys.exit(1)
+
+
+def _run_many(address, n, nthreads, name, limit, resources, host, log_level) -> int:
+    """Start ``n`` single-worker processes and wait for them; signals stop them all."""
+    from .cluster.local import spawn, stop_processes
+
+    base = name or f"{os.uname().nodename}-{os.getpid()}"
+    procs = []
+    for i in range(n):
+        args = ["worker", address, "--nthreads", str(nthreads), "--name", f"{base}-{i}",
+                "--memory-limit", str(limit), "--host", host, "--log-level", log_level]
+        if resources:
+            args += ["--resources", resources]
+        procs.append(spawn(args))
+
+    def on_signal(signum, frame):
+        stop_processes(procs)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
+
+@main.command()
+@click.option("--workers", "n_workers", default=None, type=int, help="Worker processes (default: one per core).")
+@click.option("--threads", "threads_per_worker", default=1, show_default=True, type=int)
+def demo(n_workers: int | None, threads_per_worker: int) -> None:
+    """Start a local cluster and run a small real workload on it."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(n_workers, threads_per_worker))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,753 @@
+"""The client: submit work, hold futures, fetch results from workers.
+
+All network I/O runs on an event loop in a background thread (``LoopThread``),
+so the same ``Client`` works in a plain script, in Jupyter (where a loop is
+already running) and from async code (``await fut``, or
+``Client(asynchronous=True)`` whose blocking methods return awaitables).
+Pickling happens in the caller's thread; the I/O thread only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import hashlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+
+from ..comm import Comm, connect
+from ..errors import (
+    CommClosedError,
+    GraphError,
+    ProtocolError,
+    SchedulerUnavailableError,
+    SerializationError,
+)
+from ..protocol import messages as m
+from ..protocol.serialize import Payload, deserialize
+from ..spec import DataNode, Task, TaskRef
+from .futures import CANCELLED, ERROR, FINISHED, LOST, Future, FutureState, _with_remote_traceback
+from .loop import LoopThread
+
+logger = logging.getLogger("shoal.client")
+
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_current: list = []  # stack of clients made current by ``as_current``
+
+
+def default_client() -> "Client":
+    """The most recently created client that is still open."""
+    for c in reversed(list(_current)):
+        if c.status == "running":
+            return c
+    live = [c for c in _clients if c.status == "running"]
+    if not live:
+        raise ValueError("no running shoal.Client")
+    return max(live, key=lambda c: c._created)
+
+
+def _run_spec(node) -> Payload:
+    """Pickle a task spec: cloudpickle, so functions defined in ``__main__``
+    or interactively travel by value."""
+    buffers: list = []
+    head = cloudpickle.dumps(node, protocol=5, buffer_callback=buffers.append)
+    return Payload([head, *(b.raw() for b in buffers)])
+
+
+def _token(payload: Payload) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for f in payload.frames:
+        h.update(f)
+    return h.hexdigest()
+
+
+def _funcname(func: Callable) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Client:
+    """Connect to a Shoal cluster.
+
+    ``Client()`` starts a :class:`~shoal.LocalCluster` sized to this machine;
+    ``Client(cluster)`` or ``Client("tcp://host:8786")`` connects to one.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        timeout: float = 30.0,
+        asynchronous: bool = False,
+        name: str | None = None,
+        set_as_default: bool = True,
+        **cluster_kwargs,
+    ):
+        self.id = f"client-{uuid.uuid4().hex[:12]}"
+        self.name = name or self.id
+        self.timeout = timeout
+        self.asynchronous = asynchronous
+        self.status = "connecting"
+        self._created = next(Client._ids)
+        self._cluster = None
+        self._owns_cluster = False
+        if address is None:
+            from ..cluster import LocalCluster
+
+            address = LocalCluster(**cluster_kwargs)
+            self._owns_cluster = True
+        elif cluster_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} when connecting to an existing cluster")
+        if hasattr(address, "scheduler_address"):
+            self._cluster = address
+            address = address.scheduler_address
+        self.scheduler_address: str = address
+        self._lock = threading.Lock()
+        self._states: dict[Any, FutureState] = {}
+        self._refs: dict[Any, int] = {}
+        self._workers: list[str] = []
+        self._workers_changed: asyncio.Condition | None = None
+        self._comm: Comm | None = None
+        self._worker_comms: dict[str, Comm] = {}
+        self._requests: dict[int, asyncio.Future] = {}
+        self._request_ids = itertools.count()
+        self._outq: list = []
+        self._io = LoopThread(name=f"shoal-{self.id}")
+        self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="shoal-callback")
+        self._connected = self._io.submit(self._connect())
+        if not asynchronous:
+            self._wait_connected()
+        _clients.add(self)
+        self._dask_config = None
+        if set_as_default:
+            self._set_dask_default()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # -- connecting -----------------------------------------------------------------
+
+    def _wait_connected(self) -> None:
+        try:
+            self._connected.result(self.timeout + 5)
+        except BaseException:
+            self._shutdown_io()
+            if self._owns_cluster and self._cluster is not None:
+                self._cluster.close()
+            raise
+        if self._cluster is not None and getattr(self._cluster, "n_workers", 0):
+            self.wait_for_workers(self._cluster.n_workers, timeout=self.timeout)
+
+    def __await__(self):
+        async def _wait():
+            await asyncio.wrap_future(self._connected)
+            if self._cluster is not None and getattr(self._cluster, "n_workers", 0):
+                await self.wait_for_workers(self._cluster.n_workers, timeout=self.timeout)
+            return self
+
+        return _wait().__await__()
+
+    async def _connect(self) -> None:
+        self._workers_changed = asyncio.Condition()
+        deadline = time.monotonic() + self.timeout
+        delay = 0.05
+        while True:
+            try:
+                comm = await connect(self.scheduler_address, m.ToClient, timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except CommClosedError as e:
+                if time.monotonic() + delay > deadline:
+                    raise SchedulerUnavailableError(
+                        f"could not reach the scheduler at {self.scheduler_address} within {self.timeout}s: {e}"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        welcomed = asyncio.get_running_loop().create_future()
+        self._welcomed = welcomed
+        comm.handler = self._on_scheduler_msgs
+        comm.on_closed = self._on_scheduler_closed
+        comm.send(m.RegisterClient(self.id, self.name))
+        comm.flush()
+        self._comm = comm
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                await welcomed
+        except TimeoutError:
+            comm.abort()
+            raise SchedulerUnavailableError(f"the scheduler at {self.scheduler_address} did not answer") from None
+        self.status = "running"
+
+    # -- messages from the scheduler (I/O thread) ---------------------------------------
+
+    def _on_scheduler_msgs(self, comm: Comm, msgs: list) -> None:
+        states = self._states
+        for msg in msgs:
+            t = type(msg)
+            if t is m.KeyInMemory:
+                st = states.get(m.as_key(msg.key))
+                if st is not None:
+                    st.set_finished(msg.id, msg.workers, msg.nbytes, msg.type_name)
+            elif t is m.KeyErred:
+                st = states.get(m.as_key(msg.key))
+                if st is not None:
+                    try:
+                        exc = deserialize(msg.exception, what="a task's exception")
+                    except SerializationError as e:
+                        exc = e
+                    if not isinstance(exc, BaseException):
+                        exc = RuntimeError(repr(exc))
+                    st.set_error(exc, msg.traceback)
+            elif t is m.GraphRejected:
+                for k in msg.keys:
+                    st = states.get(m.as_key(k))
+                    if st is not None:
+                        st.set_error(GraphError(msg.reason))
+            elif t is m.KeysLost:
+                for k in msg.keys:
+                    st = states.get(m.as_key(k))
+                    if st is not None:
+                        st.set_lost(msg.reason)
+            elif t is m.KeysCancelled:
+                for k in msg.keys:
+                    st = states.get(m.as_key(k))
+                    if st is not None:
+                        st.set_cancelled(msg.reason)
+            elif t is m.WorkersChanged:
+                ws = [w for w in self._workers if w not in msg.removed]
+                ws.extend(a for a in msg.added if a not in ws)
+                self._workers = ws
+                self._notify_workers()
+            elif t is m.Welcome:
+                self._workers = list(msg.workers)
+                self._notify_workers()
+                if not self._welcomed.done():
+                    self._welcomed.set_result(msg)
+            else:
+                raise ProtocolError(f"the scheduler sent {t.__name__} on a client connection")
+
+    def _notify_workers(self) -> None:
+        cond = self._workers_changed
+
+        async def notify():
+            async with cond:
+                cond.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _on_scheduler_closed(self, comm: Comm, exc) -> None:
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "disconnected"
+        reason = f"lost the scheduler at {self.scheduler_address}: {exc or 'connection closed'}"
+        logger.warning(reason)
+        for st in list(self._states.values()):
+            if not st.done():
+                st.set_lost(reason)
+
+    # -- futures bookkeeping (any thread) -------------------------------------------------
+
+    def _track(self, key: Any, state: FutureState | None) -> FutureState:
+        with self._lock:
+            self._refs[key] = self._refs.get(key, 0) + 1
+            st = self._states.get(key)
+            if st is None:
+                st = state or FutureState(key)
+                self._states[key] = st
+            return st
+
+    def _untrack(self, key: Any) -> None:
+        with self._lock:
+            n = self._refs.get(key, 0) - 1
+            if n > 0:
+                self._refs[key] = n
+                return
+            self._refs.pop(key, None)
+            self._states.pop(key, None)
+        self._enqueue(_Release(key))
+
+    def _send(self, msg) -> None:
+        if self.status not in ("running", "connecting"):
+            raise CommClosedError(f"client is {self.status}")
+        self._enqueue(msg)
+
+    def _enqueue(self, item) -> None:
+        # One ordered queue for submissions and releases: a release must never
+        # overtake the submission of a task that depends on the released key.
+        with self._lock:
+            self._outq.append(item)
+            if len(self._outq) > 1:
+                return  # a drain is already scheduled
+        if self.status in ("running", "connecting"):
+            self._io.call_soon(self._drain_outq)
+
+    def _drain_outq(self) -> None:
+        with self._lock:
+            items, self._outq = self._outq, []
+        comm = self._comm
+        if comm is None or comm.closed:
+            return
+        releases: list = []
+        for item in items:
+            if type(item) is _Release:
+                releases.append(item.key)
+                continue
+            if releases:
+                comm.send(m.ReleaseKeys(releases))
+                releases = []
+            comm.send(item)
+        if releases:
+            comm.send(m.ReleaseKeys(releases))
+
+    # -- building tasks --------------------------------------------------------------------
+
+    def _unpack(self, obj: Any, deps: dict) -> Any:
+        """Replace futures (inside lists, tuples, dicts, sets) by references."""
+        t = type(obj)
+        if t is Future or isinstance(obj, Future):
+            if obj.client is not self:
+                raise ValueError(f"future {obj.key!r} belongs to another client")
+            deps[obj.key] = obj
+            return TaskRef(obj.key)
+        if t is list or t is tuple or t is set or t is frozenset:
+            items = [self._unpack(x, deps) for x in obj]
+            return t(items) if t is not list else items
+        if t is dict:
+            return {k: self._unpack(v, deps) for k, v in obj.items()}
+        return obj
+
+    def _task_spec(self, func, args, kwargs, key, pure, opts) -> tuple[m.TaskSpec, Any]:
+        deps: dict = {}
+        args = self._unpack(args, deps)
+        kwargs = self._unpack(kwargs, deps) if kwargs else {}
+        try:
+            payload = _run_spec(Task(None, func, *args, **kwargs))
+        except Exception as e:
+            raise SerializationError(
+                f"cannot serialize task {key or _funcname(func)!r}: {type(e).__name__}: {e}"
+            ) from e
+        if key is None:
+            key = f"{_funcname(func)}-{_token(payload) if pure else uuid.uuid4().hex}"
+        spec = m.TaskSpec(
+            key,
+            list(deps),
+            payload,
+            0,
+            opts.get("priority", 0),
+            opts.get("retries") or 0,
+            _names(opts.get("workers")),
+            bool(opts.get("allow_other_workers", False)),
+            opts.get("resources"),
+        )
+        return spec, key
+
+    # -- the public API ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        func: Callable,
+        *args,
+        key: Any = None,
+        pure: bool = True,
+        priority: int = 0,
+        retries: int = 0,
+        workers=None,
+        allow_other_workers: bool = False,
+        resources: dict | None = None,
+        **kwargs,
+    ) -> Future:
+        """Run ``func(*args, **kwargs)`` on the cluster; futures in the
+        arguments (also inside lists, tuples, dicts) are its dependencies."""
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        opts = dict(priority=priority, retries=retries, workers=workers, allow_other_workers=allow_other_workers, resources=resources)
+        spec, key = self._task_spec(func, args, kwargs, key, pure, opts)
+        fut = Future(key, self)
+        self._send(m.SubmitGraph([spec], [key]))
+        return fut
+
+    def map(
+        self,
+        func: Callable,
+        *iterables: Iterable,
+        key: Any = None,
+        pure: bool = True,
+        priority: int = 0,
+        retries: int = 0,
+        workers=None,
+        allow_other_workers: bool = False,
+        resources: dict | None = None,
+        batch_size: int = 10000,
+        **kwargs,
+    ) -> list[Future]:
+        """``submit`` over zipped iterables, as one graph submission per batch."""
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        opts = dict(priority=priority, retries=retries, workers=workers, allow_other_workers=allow_other_workers, resources=resources)
+        keys = list(key) if isinstance(key, (list, tuple)) else None
+        prefix = key if isinstance(key, str) else None
+        futures: list[Future] = []
+        specs: list = []
+        for i, args in enumerate(zip(*iterables)):
+            k = keys[i] if keys is not None else None
+            spec, k = self._task_spec(func, args, kwargs, k, pure, opts)
+            if prefix is not None:
+                k = spec.key = f"{prefix}-{k.rsplit('-', 1)[-1]}"
+            spec.order = i
+            specs.append(spec)
+            futures.append(Future(k, self))
+            if len(specs) >= batch_size:
+                self._send(m.SubmitGraph(specs, [s.key for s in specs]))
+                specs = []
+        if specs:
+            self._send(m.SubmitGraph(specs, [s.key for s in specs]))
+        return futures
+
+    def submit_graph(self, graph: dict, keys: Iterable, *, priorities: dict | None = None, annotations: dict | None = None) -> list[Future]:
+        """Submit a ``{key: spec.Node}`` graph; return futures for ``keys``.
+
+        Keys the graph references but does not define must be held by futures
+        of this client (or be known to the scheduler)."""
+        from ..spec import order as graph_order
+
+        keys = list(keys)
+        prio = priorities if priorities is not None else graph_order(graph)
+        annotations = annotations or {}
+        specs = []
+        for k, node in graph.items():
+            try:
+                payload = _run_spec(node)
+            except Exception as e:
+                raise SerializationError(f"cannot serialize task {k!r}: {type(e).__name__}: {e}") from e
+            ann = annotations.get(k, {})
+            specs.append(
+                m.TaskSpec(
+                    k,
+                    list(node.dependencies),
+                    payload,
+                    prio.get(k, 0),
+                    ann.get("priority", 0),
+                    ann.get("retries") or 0,
+                    _names(ann.get("workers")),
+                    bool(ann.get("allow_other_workers", False)),
+                    ann.get("resources"),
+                )
+            )
+        futures = [Future(k, self) for k in keys]
+        self._send(m.SubmitGraph(specs, keys))
+        return futures
+
+    def scatter(self, data: Any, *, hash: bool = True):
+        """Send local data to the cluster; returns futures in the same shape
+        (a list, a dict, or one future for one object)."""
+        if isinstance(data, dict):
+            items = list(data.items())
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            items = [(None, v) for v in data]
+        else:
+            items = [(None, data)]
+        specs, futures = [], []
+        for k, value in items:
+            payload = _run_spec(DataNode(None, value))
+            if k is None:
+                k = f"{type(value).__name__}-{_token(payload) if hash else uuid.uuid4().hex}"
+            specs.append(m.TaskSpec(k, [], payload, 0, 0, 0, None, False, None, True))
+            futures.append(Future(k, self))
+        self._send(m.SubmitGraph(specs, [s.key for s in specs]))
+        if isinstance(data, dict):
+            return {k: f for (k, _), f in zip(items, futures)}
+        if isinstance(data, (list, tuple, set, frozenset)):
+            return futures if not isinstance(data, tuple) else tuple(futures)
+        return futures[0]
+
+    def cancel(self, futures, reason: str = "cancelled by the client") -> None:
+        fs = [futures] if isinstance(futures, Future) else list(futures)
+        self._cancel([f.key for f in fs], reason)
+
+    def _cancel(self, keys: list, reason: str) -> None:
+        with self._lock:
+            states = [self._states[k] for k in keys if k in self._states]
+        self._send(m.CancelKeys(keys))
+
+        def mark():
+            for st in states:
+                if not st.done():
+                    st.set_cancelled(reason)
+
+        self._io.call_soon(mark)
+
+    def gather(self, futures, errors: str = "raise"):
+        """Results for futures inside any nesting of lists, tuples, dicts and sets."""
+        if self.asynchronous:
+            return self._gather_async(futures, errors)
+        flat: list[Future] = []
+        _collect(futures, flat)
+        values = self._results(flat, errors, None)
+        return _rebuild(futures, values)
+
+    async def _gather_async(self, futures, errors: str = "raise"):
+        flat: list[Future] = []
+        _collect(futures, flat)
+        loop = asyncio.get_running_loop()
+        values = await loop.run_in_executor(None, self._results, flat, errors, None)
+        return _rebuild(futures, values)
+
+    def _result(self, fut: Future, deadline: float | None) -> Any:
+        return self._results([fut], "raise", deadline)[fut.key]
+
+    async def _result_async(self, fut: Future) -> Any:
+        loop = asyncio.get_running_loop()
+        values = await loop.run_in_executor(None, self._results, [fut], "raise", None)
+        return values[fut.key]
+
+    def _results(self, futures: list[Future], errors: str, deadline: float | None) -> dict:
+        """Wait for futures and fetch their values from the workers."""
+        out: dict = {}
+        todo = {f.key: f for f in futures}
+        attempts = 0
+        while todo:
+            for f in todo.values():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0 or not f._state.wait(left):
+                    raise TimeoutError(f"result of {f.key!r} not ready within the timeout")
+            ready = []
+            for k, f in list(todo.items()):
+                st = f._state
+                if st.status == FINISHED:
+                    ready.append(st)
+                elif errors == "skip":
+                    del todo[k]
+                else:
+                    raise _with_remote_traceback(st.exception, st.traceback)
+            if not ready:
+                break
+            payloads, failed = self._io.run(self._fetch(ready))
+            for st in ready:
+                if st.id in payloads:
+                    out[st.key] = deserialize(payloads[st.id], what=f"the result of {st.key!r}")
+                    todo.pop(st.key, None)
+            for st, why in failed:
+                if isinstance(why, SerializationError):
+                    raise why
+            if failed:
+                attempts += 1
+                if attempts > 20:
+                    raise CommClosedError(f"could not fetch {[st.key for st, _ in failed][:5]}: {failed[0][1]}")
+                # The holder is gone: wait for the scheduler to report the
+                # data again (recomputed or found elsewhere).
+                self._io.run(self._reset_states([st for st, _ in failed]))
+        return out
+
+    async def _reset_states(self, states: list[FutureState]) -> None:
+        for st in states:
+            alive = [w for w in st.workers if w in self._workers]
+            if alive and alive != st.workers:
+                st.workers = alive  # try the remaining holders first
+            elif st.status == FINISHED:
+                st.reset()
+
+    async def _fetch(self, states: list[FutureState]) -> tuple[dict, list]:
+        by_worker: dict[str, list[FutureState]] = {}
+        for st in states:
+            by_worker.setdefault(st.workers[0] if st.workers else "", []).append(st)
+        payloads: dict = {}
+        failed: list = []
+
+        async def one(address: str, sts: list[FutureState]) -> None:
+            if not address:
+                failed.extend((st, CommClosedError("no holder known")) for st in sts)
+                return
+            try:
+                resp = await self._get_data(address, [st.id for st in sts])
+            except (CommClosedError, OSError, TimeoutError) as e:
+                failed.extend((st, e) for st in sts)
+                return
+            for tid, payload in zip(resp.ids, resp.payloads):
+                payloads[tid] = payload
+            bad = set(resp.missing)
+            for st in sts:
+                if st.id in resp.errors:
+                    failed.append((st, SerializationError(resp.errors[st.id])))
+                elif st.id in bad:
+                    failed.append((st, CommClosedError(f"{address} no longer holds it")))
+
+        await asyncio.gather(*(one(a, s) for a, s in by_worker.items()))
+        return payloads, failed
+
+    async def _get_data(self, address: str, ids: list[int]) -> m.DataResponse:
+        comm = self._worker_comms.get(address)
+        if comm is None or comm.closed:
+            comm = await connect(address, m.ToClient, timeout=self.timeout)
+            comm.send(m.PeerHello(self.id))
+            comm.handler = self._on_worker_msgs
+            comm.on_closed = self._on_worker_closed
+            self._worker_comms[address] = comm
+        rid = next(self._request_ids)
+        fut = asyncio.get_running_loop().create_future()
+        fut.comm = comm  # type: ignore[attr-defined]
+        self._requests[rid] = fut
+        comm.send(m.GetData(rid, ids))
+        return await fut
+
+    def _on_worker_msgs(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) is not m.DataResponse:
+                raise ProtocolError(f"worker sent {type(msg).__name__} on a data connection")
+            fut = self._requests.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _on_worker_closed(self, comm: Comm, exc) -> None:
+        for rid, fut in list(self._requests.items()):
+            if getattr(fut, "comm", None) is comm and not fut.done():
+                self._requests.pop(rid, None)
+                fut.set_exception(CommClosedError(f"worker {comm.peer_address} closed: {exc}"))
+
+    # -- cluster information ---------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[str]:
+        """Addresses of the workers the scheduler knows of now."""
+        return list(self._workers)
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None):
+        async def _wait():
+            async with self._workers_changed:
+                await asyncio.wait_for(
+                    self._workers_changed.wait_for(lambda: len(self._workers) >= n), timeout
+                )
+
+        if self.asynchronous:
+            return asyncio.wrap_future(self._io.submit(_wait()))
+        try:
+            self._io.run(_wait())
+        except (TimeoutError, asyncio.TimeoutError):
+            raise TimeoutError(f"only {len(self._workers)} of {n} workers joined within {timeout}s") from None
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self, timeout: float = 10.0):
+        if self.status in ("closing", "closed"):
+            return _done_awaitable() if self.asynchronous else None
+        self.status = "closing"
+        self._unset_dask_default()
+
+        async def _close():
+            comm = self._comm
+            if comm is not None and not comm.closed:
+                comm.send(m.CloseClient())
+                comm.close()
+            for c in list(self._worker_comms.values()):
+                c.close()
+
+        try:
+            self._io.run(_close(), timeout)
+        except Exception:
+            pass
+        self._shutdown_io()
+        self.status = "closed"
+        with self._lock:
+            for st in self._states.values():
+                if not st.done():
+                    st.set_cancelled("client closed")
+        if self._owns_cluster and self._cluster is not None:
+            self._cluster.close()
+        return _done_awaitable() if self.asynchronous else None
+
+    def _shutdown_io(self) -> None:
+        self._io.stop()
+        self._callbacks.shutdown(wait=False)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Client":
+        await self
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shoal.Client {self.scheduler_address} {self.status}, {len(self._workers)} workers>"
+
+    # -- Dask integration (see shoal.integrations.dask) ----------------------------------------
+
+    def _set_dask_default(self) -> None:
+        try:
+            from ..integrations import dask as shoal_dask
+        except ImportError:
+            return
+        self._dask_config = shoal_dask.set_default(self)
+
+    def _unset_dask_default(self) -> None:
+        if self._dask_config is not None:
+            from ..integrations import dask as shoal_dask
+
+            shoal_dask.unset_default(self, self._dask_config)
+            self._dask_config = None
+
+
+class _Release:
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any):
+        self.key = key
+
+
+def _names(workers) -> list[str] | None:
+    if workers is None:
+        return None
+    if isinstance(workers, str):
+        return [workers]
+    return [str(w) for w in workers]
+
+
+def _collect(obj: Any, out: list) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for x in obj:
+            _collect(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect(x, out)
+
+
+def _rebuild(obj: Any, values: dict) -> Any:
+    if isinstance(obj, Future):
+        return values.get(obj.key)
+    t = type(obj)
+    if t in (list, tuple, set, frozenset):
+        items = [_rebuild(x, values) for x in obj if not (isinstance(x, Future) and x.key not in values)]
+        return items if t is list else t(items)
+    if t is dict:
+        return {k: _rebuild(v, values) for k, v in obj.items()}
+    return obj
+
+
+async def _noop() -> None:
+    return None
+
+
+def _done_awaitable():
+    return _noop()
+
+
+def _close_at_exit(ref) -> None:
+    c = ref()
+    if c is not None and c.status not in ("closed",):
+        try:
+            c.close(timeout=2)
+        except Exception:
+            pass

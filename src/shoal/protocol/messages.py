@@ -1,0 +1,311 @@
+"""Every message on the wire, as typed ``msgspec`` structs.
+
+Messages are array-like tagged structs: on the wire a message is
+``[tag, field1, field2, ...]`` with a small integer tag, so the structure
+costs a few bytes.  New fields go at the end with a default so that older
+peers keep decoding.  Tasks are named by integer ids between scheduler and
+workers; keys (any hashable the user chose) appear only where a client is
+involved or when a worker first hears of a task.
+
+Each receiving endpoint has one union (``ToScheduler``, ``ToWorker``,
+``ToClient``); the reactor checks that the sender's role may send what it sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import msgspec
+
+from .serialize import Payload
+
+Key = Any  # str, int, float, or (nested) tuples thereof; see ``as_key``
+
+
+def as_key(obj: Any) -> Any:
+    """Undo msgpack's tuple -> list conversion on a decoded key."""
+    if type(obj) is list:
+        return tuple([as_key(x) for x in obj])
+    return obj
+
+
+class Msg(msgspec.Struct, array_like=True, tag=True, omit_defaults=False):
+    """Base of all messages.  Subclasses set an explicit integer tag."""
+
+
+# -- handshakes: the first message on every connection --------------------------
+
+
+class RegisterWorker(Msg, tag=1):
+    name: str
+    address: str  # where peers and clients reach this worker's data server
+    nthreads: int
+    memory_limit: int
+    resources: dict[str, float] = {}
+    pid: int = 0
+    version: int = 1
+
+
+class RegisterClient(Msg, tag=2):
+    client_id: str
+    name: str = ""
+    version: int = 1
+
+
+class PeerHello(Msg, tag=3):
+    """Opens a data connection to a worker (from a peer worker or a client)."""
+
+    name: str
+    version: int = 1
+
+
+# -- client -> scheduler --------------------------------------------------------
+
+
+class TaskSpec(msgspec.Struct, array_like=True):
+    """One task of a submitted graph, as the scheduler sees it."""
+
+    key: Key
+    deps: list[Key]
+    run_spec: Payload  # pickled spec.Node, opaque to the scheduler
+    order: int = 0  # position in the graph's own priority order
+    priority: int = 0  # user priority: higher runs earlier
+    retries: int = 0
+    workers: Optional[list[str]] = None  # names or addresses allowed to run it
+    allow_other_workers: bool = False
+    resources: Optional[dict[str, float]] = None
+    scattered: bool = False  # data the client sent: cannot be recomputed
+
+
+class SubmitGraph(Msg, tag=10):
+    tasks: list[TaskSpec]
+    wanted: list[Key]  # keys the client holds futures for
+
+
+class ReleaseKeys(Msg, tag=11):
+    """The client dropped its last future for these keys."""
+
+    keys: list[Key]
+
+
+class CancelKeys(Msg, tag=12):
+    keys: list[Key]
+
+
+class ClientHeartbeat(Msg, tag=13):
+    pass
+
+
+class CloseClient(Msg, tag=14):
+    pass
+
+
+class RetireWorkers(Msg, tag=15):
+    request_id: int
+    workers: list[str]
+
+
+# -- scheduler -> client --------------------------------------------------------
+
+
+class Welcome(Msg, tag=20):
+    scheduler_id: str
+    workers: list[str]
+
+
+class KeyInMemory(Msg, tag=21):
+    key: Key
+    id: int
+    workers: list[str]  # data-server addresses holding it
+    nbytes: int = 0
+    type_name: str = ""
+
+
+class KeyErred(Msg, tag=22):
+    key: Key
+    exception: Payload
+    traceback: str
+    blamed: Key  # the task that actually raised (may be a dependency)
+
+
+class KeysCancelled(Msg, tag=23):
+    keys: list[Key]
+    reason: str
+
+
+class KeysLost(Msg, tag=24):
+    keys: list[Key]
+    reason: str
+
+
+class GraphRejected(Msg, tag=25):
+    keys: list[Key]
+    reason: str
+
+
+class WorkersChanged(Msg, tag=26):
+    added: list[str]
+    removed: list[str]
+
+
+class RequestDone(Msg, tag=27):
+    request_id: int
+    error: str = ""
+
+
+# -- worker -> scheduler --------------------------------------------------------
+
+
+class TaskFinished(Msg, tag=30):
+    id: int
+    nbytes: int
+    type_name: str = ""
+    duration: float = 0.0
+
+
+class TaskErred(Msg, tag=31):
+    id: int
+    exception: Payload
+    traceback: str
+
+
+class DataAcquired(Msg, tag=32):
+    """The worker now also holds these (fetched from a peer)."""
+
+    ids: list[int]
+    nbytes: list[int]
+
+
+class DataMissing(Msg, tag=33):
+    """A holder the scheduler named did not have ``id``."""
+
+    id: int
+    holder: int
+    stuck: bool = False  # the worker knows no other holder
+
+
+class WorkerHeartbeat(Msg, tag=34):
+    memory: int
+    executing: int
+    stored: int
+
+
+class TasksRejected(Msg, tag=35):
+    """Tasks the worker will not run (for example, released while queued)."""
+
+    ids: list[int]
+
+
+# -- scheduler -> worker --------------------------------------------------------
+
+
+class PeerInfo(msgspec.Struct, array_like=True):
+    wid: int
+    address: str
+
+
+class WorkerWelcome(Msg, tag=40):
+    wid: int
+    peers: list[PeerInfo]
+
+
+class PeersChanged(Msg, tag=41):
+    added: list[PeerInfo]
+    removed: list[int]
+
+
+class Execute(Msg, tag=42):
+    id: int
+    key: Key
+    run_spec: Payload
+    priority: list[int]  # compared lexicographically, lower runs first
+    deps: list[int] = []
+    dep_keys: list[Key] = []
+    who_has: list[list[int]] = []  # per dep: worker ids holding it
+
+
+class ReleaseData(Msg, tag=43):
+    ids: list[int]
+
+
+class CancelTasks(Msg, tag=44):
+    ids: list[int]
+
+
+class CloseWorker(Msg, tag=45):
+    reason: str
+
+
+# -- data plane: peers and clients -> worker, and its answers --------------------
+
+
+class GetData(Msg, tag=50):
+    request_id: int
+    ids: list[int]
+
+
+class DataResponse(Msg, tag=51):
+    request_id: int
+    ids: list[int]
+    payloads: list[Payload]
+    missing: list[int] = []
+    errors: dict[int, str] = {}  # ids held but not serializable, with why
+
+
+ToScheduler = Union[
+    RegisterWorker,
+    RegisterClient,
+    SubmitGraph,
+    ReleaseKeys,
+    CancelKeys,
+    ClientHeartbeat,
+    CloseClient,
+    RetireWorkers,
+    TaskFinished,
+    TaskErred,
+    DataAcquired,
+    DataMissing,
+    WorkerHeartbeat,
+    TasksRejected,
+]
+
+ToWorker = Union[
+    WorkerWelcome,
+    PeersChanged,
+    Execute,
+    ReleaseData,
+    CancelTasks,
+    CloseWorker,
+    PeerHello,
+    GetData,
+    DataResponse,
+]
+
+ToClient = Union[
+    Welcome,
+    KeyInMemory,
+    KeyErred,
+    KeysCancelled,
+    KeysLost,
+    GraphRejected,
+    WorkersChanged,
+    RequestDone,
+    DataResponse,
+]
+
+CLIENT_TO_SCHEDULER = (
+    SubmitGraph,
+    ReleaseKeys,
+    CancelKeys,
+    ClientHeartbeat,
+    CloseClient,
+    RetireWorkers,
+)
+WORKER_TO_SCHEDULER = (
+    TaskFinished,
+    TaskErred,
+    DataAcquired,
+    DataMissing,
+    WorkerHeartbeat,
+    TasksRejected,
+)

@@ -1,0 +1,130 @@
+"""The scheduler's records of tasks, workers and clients."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class TaskState(enum.Enum):
+    RELEASED = "released"  # known, not needed now or not yet started; no data
+    WAITING = "waiting"  # needed; some dependency is not in memory yet
+    QUEUED = "queued"  # ready root task held back until a worker has room
+    NO_WORKER = "no-worker"  # ready, but no worker satisfies its restrictions
+    PROCESSING = "processing"  # sent to a worker
+    MEMORY = "memory"  # result held by one or more workers
+    ERRED = "erred"  # it, or a dependency, failed for good
+
+
+class SchedulerTask:
+    """The scheduler's view of one task (the worker's is ``WorkerTask``)."""
+
+    __slots__ = (
+        "id",
+        "key",
+        "run_spec",
+        "state",
+        "priority",
+        "dependencies",
+        "dependents",
+        "waiters",
+        "waiting_on",
+        "who_has",
+        "processing_on",
+        "nbytes",
+        "type_name",
+        "wanted_by",
+        "retries",
+        "crashes",
+        "exception",
+        "traceback",
+        "blamed",
+        "workers",
+        "allow_other_workers",
+        "resources",
+        "scattered",
+    )
+
+    def __init__(self, id: int, key: Any, run_spec, priority: tuple):
+        self.id = id
+        self.key = key
+        self.run_spec = run_spec
+        self.state = TaskState.RELEASED
+        self.priority = priority
+        self.dependencies: list[SchedulerTask] = []
+        self.dependents: set[SchedulerTask] = set()
+        # Dependents that still need this task's data (not yet in memory).
+        self.waiters: set[SchedulerTask] = set()
+        self.waiting_on = 0  # dependencies not in memory, while WAITING
+        self.who_has: set[WorkerRecord] = set()
+        self.processing_on: WorkerRecord | None = None
+        self.nbytes = 0
+        self.type_name = ""
+        self.wanted_by: set[str] = set()  # client ids holding futures
+        self.retries = 0
+        self.crashes = 0
+        self.exception = None  # Payload
+        self.traceback = ""
+        self.blamed: SchedulerTask | None = None
+        self.workers: frozenset | None = None  # allowed worker names/addresses
+        self.allow_other_workers = False
+        self.resources: dict | None = None
+        self.scattered = False
+
+    def __repr__(self) -> str:
+        return f"<SchedulerTask {self.key!r} {self.state.value}>"
+
+    # Identity semantics: tasks live in sets keyed by object.
+    __hash__ = object.__hash__
+
+
+class WorkerRecord:
+    __slots__ = (
+        "wid",
+        "name",
+        "address",
+        "nthreads",
+        "memory_limit",
+        "resources",
+        "used_resources",
+        "processing",
+        "has_what",
+        "nbytes",
+        "last_seen",
+        "memory",
+    )
+
+    def __init__(self, wid: int, name: str, address: str, nthreads: int, memory_limit: int, resources: dict, now: float):
+        self.wid = wid
+        self.name = name
+        self.address = address
+        self.nthreads = max(1, nthreads)
+        self.memory_limit = memory_limit
+        self.resources = dict(resources)
+        self.used_resources = {r: 0.0 for r in resources}
+        self.processing: set[SchedulerTask] = set()
+        self.has_what: set[SchedulerTask] = set()
+        self.nbytes = 0
+        self.last_seen = now
+        self.memory = 0
+
+    @property
+    def load(self) -> float:
+        return len(self.processing) / self.nthreads
+
+    def __repr__(self) -> str:
+        return f"<WorkerRecord {self.wid} {self.name!r} {self.address} processing={len(self.processing)}>"
+
+    __hash__ = object.__hash__
+
+
+class ClientRecord:
+    __slots__ = ("cid", "name", "wants")
+
+    def __init__(self, cid: str, name: str = ""):
+        self.cid = cid
+        self.name = name
+        self.wants: set[SchedulerTask] = set()
+
+    def __repr__(self) -> str:
+        return f"<ClientRecord {self.cid} wants={len(self.wants)}>"

@@ -1,0 +1,185 @@
+"""The scheduler's reactor: connections in, ``SchedulerState.handle`` once per
+received batch, commands out grouped per destination."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+
+from ..comm import Comm, listen
+from ..errors import ProtocolError
+from ..protocol import messages as m
+from .commands import Commands
+from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
+from .state import SchedulerState
+
+logger = logging.getLogger("shoal.scheduler")
+
+_FROM_WORKER = frozenset(m.WORKER_TO_SCHEDULER)
+_FROM_CLIENT = frozenset(m.CLIENT_TO_SCHEDULER)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8786,
+        *,
+        tick_interval: float = 0.5,
+        max_packet: int | None = None,
+        **state_kwargs,
+    ):
+        self.host = host
+        self.port = port
+        self.id = uuid.uuid4().hex
+        self.state = SchedulerState(**state_kwargs)
+        self.tick_interval = tick_interval
+        self.max_packet = max_packet
+        self.address = ""
+        self._listener = None
+        self._worker_comms: dict[int, Comm] = {}
+        self._client_comms: dict[str, Comm] = {}
+        self._wids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self._closed: asyncio.Event | None = None
+        self.connections_refused = 0
+
+    async def start(self) -> "Scheduler":
+        self._closed = asyncio.Event()
+        kw = {"max_packet": self.max_packet} if self.max_packet else {}
+        self._listener = await listen(f"tcp://{self.host}:{self.port}", self._on_connect, m.ToScheduler, **kw)
+        self.address = self._listener.address
+        t = asyncio.get_running_loop().create_task(self._ticker())
+        self._tasks.add(t)
+        logger.info("scheduler at %s", self.address)
+        return self
+
+    async def finished(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        if self._closed is None or self._closed.is_set():
+            return
+        self._closed.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except BaseException:
+                pass
+        if self._listener is not None:
+            await self._listener.close()
+        for comm in list(self._worker_comms.values()):
+            if not comm.closed:
+                comm.send(m.CloseWorker("scheduler closing"))
+                comm.close()
+        for comm in list(self._client_comms.values()):
+            comm.close()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            self._handle([Ticked(time.monotonic())])
+
+    # -- connections ------------------------------------------------------------
+
+    def _on_connect(self, comm: Comm) -> None:
+        comm.handler = self._on_hello
+
+    def _on_hello(self, comm: Comm, msgs: list) -> None:
+        hello = msgs[0]
+        if type(hello) is m.RegisterWorker:
+            wid = next(self._wids)
+            comm.info["wid"] = wid
+            self._worker_comms[wid] = comm
+            comm.on_closed = self._on_worker_closed
+            comm.handler = self._on_worker_msgs
+            self._handle(
+                [
+                    WorkerJoined(
+                        wid,
+                        hello.name,
+                        hello.address,
+                        hello.nthreads,
+                        hello.memory_limit,
+                        dict(hello.resources),
+                        time.monotonic(),
+                    )
+                ]
+            )
+            logger.info("worker %s joined from %s (%d threads)", hello.name, hello.address, hello.nthreads)
+        elif type(hello) is m.RegisterClient:
+            cid = hello.client_id
+            if cid in self._client_comms:
+                raise ProtocolError(f"client id {cid!r} is already connected")
+            comm.info["cid"] = cid
+            self._client_comms[cid] = comm
+            comm.on_closed = self._on_client_closed
+            comm.handler = self._on_client_msgs
+            self._handle([ClientJoined(cid, hello.name)])
+            comm.send(m.Welcome(self.id, [ws.address for ws in self.state.workers.values()]))
+        else:
+            self.connections_refused += 1
+            raise ProtocolError(f"expected RegisterWorker or RegisterClient first, got {type(hello).__name__}")
+        if len(msgs) > 1:
+            comm.handler(comm, msgs[1:])
+
+    def _on_worker_msgs(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) not in _FROM_WORKER:
+                raise ProtocolError(f"a worker may not send {type(msg).__name__}")
+        self._handle([WorkerSent(comm.info["wid"], msgs, time.monotonic())])
+
+    def _on_client_msgs(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) not in _FROM_CLIENT:
+                raise ProtocolError(f"a client may not send {type(msg).__name__}")
+        self._handle([ClientSent(comm.info["cid"], msgs)])
+
+    def _on_worker_closed(self, comm: Comm, exc) -> None:
+        wid = comm.info["wid"]
+        if self._worker_comms.pop(wid, None) is None:
+            return
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        expected = comm.info.get("closing", False)
+        logger.info("worker %d left: %s", wid, reason)
+        self._handle([WorkerLeft(wid, reason, expected)])
+
+    def _on_client_closed(self, comm: Comm, exc) -> None:
+        cid = comm.info["cid"]
+        if self._client_comms.pop(cid, None) is None:
+            return
+        self._handle([ClientLeft(cid)])
+
+    # -- the core call --------------------------------------------------------------
+
+    def _handle(self, events: list) -> None:
+        cmds: Commands = self.state.handle(events)
+        for wid, msgs in cmds.to_workers.items():
+            comm = self._worker_comms.get(wid)
+            if comm is not None and not comm.closed:
+                comm.send_many(msgs)
+        for cid, msgs in cmds.to_clients.items():
+            comm = self._client_comms.get(cid)
+            if comm is not None and not comm.closed:
+                comm.send_many(msgs)
+        for wid, reason in cmds.close_workers:
+            comm = self._worker_comms.pop(wid, None)
+            if comm is not None:
+                logger.warning("closing worker %d: %s", wid, reason)
+                comm.abort()
+
+
+async def run_scheduler(host: str = "127.0.0.1", port: int = 8786, *, on_started=None, **kwargs) -> None:
+    s = Scheduler(host, port, **kwargs)
+    await s.start()
+    if on_started is not None:
+        on_started(s)
+    try:
+        await s.finished()
+    finally:
+        await s.close()

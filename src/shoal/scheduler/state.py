@@ -1,0 +1,772 @@
+"""The scheduler as a pure state machine: ``handle(events) -> Commands``.
+
+No sockets, no asyncio, no clock reads, no global randomness.  Every state
+change goes through a transition function chosen from a table keyed by
+``(current state, recommended target)``; transitions return further
+recommendations and the loop runs until none are left (the pattern of dask's
+worker state machine).  ``validate()`` checks every invariant and is cheap
+enough to run after each ``handle()`` in tests.
+
+Life of a task::
+
+    RELEASED -> WAITING -> (QUEUED | NO_WORKER) -> PROCESSING -> MEMORY -> RELEASED -> forgotten
+                                                          \\-> ERRED
+
+Who needs a task: clients holding futures (``wanted_by``) and dependents that
+are not in memory yet (``waiters``).  Data nobody needs is released at once;
+a released task is forgotten once it has no dependents left.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable, Iterable
+
+from ..errors import FutureLostError, KilledWorkerError
+from ..protocol import messages as m
+from ..protocol.serialize import serialize
+from .commands import Commands
+from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
+from .placement import LocalityPolicy, PlacementPolicy
+from .records import ClientRecord, SchedulerTask, TaskState, WorkerRecord
+
+RELEASED = TaskState.RELEASED
+WAITING = TaskState.WAITING
+QUEUED = TaskState.QUEUED
+NO_WORKER = TaskState.NO_WORKER
+PROCESSING = TaskState.PROCESSING
+MEMORY = TaskState.MEMORY
+ERRED = TaskState.ERRED
+
+# Recommendation targets beyond the states themselves.
+READY = "ready"
+FORGOTTEN = "forgotten"
+
+
+class InvariantError(AssertionError):
+    """``validate()`` found the state inconsistent."""
+
+
+class SchedulerState:
+    def __init__(
+        self,
+        policy: PlacementPolicy | None = None,
+        *,
+        queue_ahead: int = 16,
+        allowed_failures: int = 3,
+        worker_ttl: float | None = None,
+        validate: bool = False,
+    ):
+        self.policy = policy or LocalityPolicy()
+        # How many tasks beyond its threads a worker may hold, so it never
+        # idles for a round trip; root tasks beyond that wait in ``queued``.
+        self.queue_ahead = queue_ahead
+        self.allowed_failures = allowed_failures
+        self.worker_ttl = worker_ttl
+        self.validate_each = validate
+        self.tasks: dict[Any, SchedulerTask] = {}
+        self.by_id: dict[int, SchedulerTask] = {}
+        self.workers: dict[int, WorkerRecord] = {}
+        self.clients: dict[str, ClientRecord] = {}
+        self.queued: list = []  # heap of (priority, id, task)
+        self.unrunnable: set[SchedulerTask] = set()
+        self.idle: set[WorkerRecord] = set()  # workers below their queue limit
+        self._next_id = 0
+        self._generation = 0
+        self._cmds = Commands()
+        self._handlers: dict[type, Callable] = {
+            WorkerSent: self._on_worker_sent,
+            ClientSent: self._on_client_sent,
+            WorkerJoined: self._on_worker_joined,
+            WorkerLeft: self._on_worker_left,
+            ClientJoined: self._on_client_joined,
+            ClientLeft: self._on_client_left,
+            Ticked: self._on_ticked,
+        }
+        self._worker_msg: dict[type, Callable] = {
+            m.TaskFinished: self._on_task_finished,
+            m.TaskErred: self._on_task_erred,
+            m.DataAcquired: self._on_data_acquired,
+            m.DataMissing: self._on_data_missing,
+            m.WorkerHeartbeat: self._on_heartbeat,
+            m.TasksRejected: self._on_tasks_rejected,
+        }
+        self._client_msg: dict[type, Callable] = {
+            m.SubmitGraph: self._on_submit_graph,
+            m.ReleaseKeys: self._on_release_keys,
+            m.CancelKeys: self._on_release_keys,
+            m.ClientHeartbeat: lambda cid, msg: None,
+            m.CloseClient: lambda cid, msg: self._on_client_left(ClientLeft(cid)),
+        }
+        self._table: dict[tuple, Callable] = {
+            (RELEASED, WAITING): self._released_to_waiting,
+            (WAITING, READY): self._waiting_to_ready,
+            (NO_WORKER, READY): self._waiting_to_ready,
+            (RELEASED, FORGOTTEN): self._forget,
+            (ERRED, FORGOTTEN): self._forget,
+        }
+        for state in (WAITING, QUEUED, NO_WORKER, PROCESSING, MEMORY):
+            self._table[(state, RELEASED)] = self._to_released
+
+    # -- entry point ------------------------------------------------------------
+
+    def handle(self, events: Iterable) -> Commands:
+        cmds = self._cmds = Commands()
+        for ev in events:
+            self._handlers[type(ev)](ev)
+        self._drain_queue()
+        self._cmds = Commands()
+        if self.validate_each:
+            self.validate()
+        return cmds
+
+    def _transitions(self, recs: dict) -> None:
+        table = self._table
+        while recs:
+            ts, target = recs.popitem()
+            fn = table.get((ts.state, target))
+            if fn is None:
+                continue  # already there, or no longer applicable
+            more = fn(ts)
+            if more:
+                for k, v in more.items():
+                    recs[k] = v
+
+    # -- events -----------------------------------------------------------------
+
+    def _on_worker_sent(self, ev: WorkerSent) -> None:
+        ws = self.workers.get(ev.wid)
+        if ws is None:
+            return  # messages that raced with the worker's removal
+        ws.last_seen = ev.now
+        handlers = self._worker_msg
+        for msg in ev.msgs:
+            handlers[type(msg)](ws, msg)
+
+    def _on_client_sent(self, ev: ClientSent) -> None:
+        if ev.cid not in self.clients:
+            return
+        handlers = self._client_msg
+        for msg in ev.msgs:
+            handlers[type(msg)](ev.cid, msg)
+
+    def _on_worker_joined(self, ev: WorkerJoined) -> None:
+        ws = WorkerRecord(ev.wid, ev.name, ev.address, ev.nthreads, ev.memory_limit, ev.resources, ev.now)
+        peers = [m.PeerInfo(o.wid, o.address) for o in self.workers.values()]
+        for other in self.workers.values():
+            self._cmds.worker(other.wid, m.PeersChanged([m.PeerInfo(ws.wid, ws.address)], []))
+        self.workers[ws.wid] = ws
+        self.idle.add(ws)
+        self._cmds.worker(ws.wid, m.WorkerWelcome(ws.wid, peers))
+        for cid in self.clients:
+            self._cmds.client(cid, m.WorkersChanged([ws.address], []))
+        if self.unrunnable:
+            stuck, self.unrunnable = self.unrunnable, set()
+            self._transitions({ts: READY for ts in stuck})
+
+    def _on_worker_left(self, ev: WorkerLeft) -> None:
+        ws = self.workers.pop(ev.wid, None)
+        if ws is None:
+            return
+        self.idle.discard(ws)
+        self._cmds.to_workers.pop(ws.wid, None)
+        for other in self.workers.values():
+            self._cmds.worker(other.wid, m.PeersChanged([], [ws.wid]))
+        for cid in self.clients:
+            self._cmds.client(cid, m.WorkersChanged([], [ws.address]))
+        recs: dict = {}
+        for ts in sorted(ws.processing, key=lambda t: t.priority):
+            ws.processing.discard(ts)
+            ts.processing_on = None
+            ts.state = RELEASED  # waiters of its dependencies stay: it still waits
+            self._free_resources(ts, ws)
+            if not ev.expected:
+                ts.crashes += 1
+            if ts.crashes > self.allowed_failures:
+                exc = KilledWorkerError(
+                    f"task {ts.key!r} crashed its worker {ts.crashes} times "
+                    f"(last: {ws.name} at {ws.address}: {ev.reason})"
+                )
+                self._mark_erred(ts, ts, serialize(exc), "", recs)
+            else:
+                recs[ts] = WAITING
+        for ts in list(ws.has_what):
+            ts.who_has.discard(ws)
+            if not ts.who_has and ts.state is MEMORY:
+                if ts.scattered:
+                    exc = FutureLostError(
+                        f"scattered data {ts.key!r} was lost with worker {ws.name} ({ws.address}): {ev.reason}"
+                    )
+                    self._data_lost(ts, recs)
+                    ts.state = RELEASED
+                    recs.pop(ts, None)
+                    self._mark_erred(ts, ts, serialize(exc), "", recs)
+                else:
+                    self._data_lost(ts, recs)
+        ws.has_what.clear()
+        self._transitions(recs)
+
+    def _on_client_joined(self, ev: ClientJoined) -> None:
+        self.clients[ev.cid] = ClientRecord(ev.cid, ev.name)
+
+    def _on_client_left(self, ev: ClientLeft) -> None:
+        cr = self.clients.pop(ev.cid, None)
+        if cr is None:
+            return
+        recs: dict = {}
+        for ts in cr.wants:
+            ts.wanted_by.discard(ev.cid)
+            self._maybe_release(ts, recs)
+        cr.wants.clear()
+        self._transitions(recs)
+
+    def _on_ticked(self, ev: Ticked) -> None:
+        if self.worker_ttl is None:
+            return
+        for ws in list(self.workers.values()):
+            if ev.now - ws.last_seen > self.worker_ttl:
+                reason = f"no heartbeat for {ev.now - ws.last_seen:.1f}s"
+                self._cmds.close_workers.append((ws.wid, reason))
+                self._on_worker_left(WorkerLeft(ws.wid, reason))
+
+    # -- client messages ---------------------------------------------------------
+
+    def _on_submit_graph(self, cid: str, msg: m.SubmitGraph) -> None:
+        self._generation += 1
+        gen = self._generation
+        tasks = self.tasks
+        new: dict = {}
+        specs: dict = {}
+        for spec in msg.tasks:
+            key = m.as_key(spec.key)
+            if key in tasks or key in new:
+                continue  # known already: the existing task (and its data) wins
+            ts = SchedulerTask(-1, key, spec.run_spec, (-spec.priority, gen, spec.order))
+            ts.retries = spec.retries
+            if spec.workers:
+                ts.workers = frozenset(spec.workers)
+                ts.allow_other_workers = spec.allow_other_workers
+            ts.resources = spec.resources or None
+            ts.scattered = spec.scattered
+            new[key] = ts
+            specs[key] = spec
+        # Validate before touching any state: a rejected graph changes nothing.
+        missing: dict = {}
+        dep_keys: dict = {}
+        for key, spec in specs.items():
+            deps = [m.as_key(d) for d in spec.deps]
+            dep_keys[key] = deps
+            bad = [d for d in deps if d not in new and d not in tasks]
+            if bad:
+                missing[key] = bad
+        wanted = [m.as_key(k) for k in msg.wanted]
+        unknown = [k for k in wanted if k not in new and k not in tasks]
+        if missing or unknown:
+            keys = list(missing)[:20] + unknown[:20]
+            reason = "; ".join(f"{k!r} depends on unknown keys {v[:5]!r}" for k, v in list(missing.items())[:5])
+            if unknown:
+                reason = (reason + "; " if reason else "") + f"unknown wanted keys {unknown[:5]!r}"
+            self._cmds.client(cid, m.GraphRejected(keys, reason))
+            return
+        cycle = _find_cycle(new, dep_keys)
+        if cycle:
+            self._cmds.client(cid, m.GraphRejected(cycle, f"the graph has a cycle through {cycle[:10]!r}"))
+            return
+        for key, ts in new.items():
+            ts.id = self._next_id
+            self._next_id += 1
+            tasks[key] = ts
+            self.by_id[ts.id] = ts
+        for key, ts in new.items():
+            deps = [tasks[d] for d in dep_keys[key]]
+            ts.dependencies = deps
+            for dep in deps:
+                dep.dependents.add(ts)
+        client = self.clients[cid]
+        recs: dict = {}
+        for key in wanted:
+            ts = tasks[key]
+            ts.wanted_by.add(cid)
+            client.wants.add(ts)
+            if ts.state is MEMORY:
+                self._cmds.client(cid, self._in_memory_msg(ts))
+            elif ts.state is ERRED:
+                self._cmds.client(cid, self._erred_msg(ts))
+            elif ts.state is RELEASED:
+                recs[ts] = WAITING
+        self._transitions(recs)
+        for ts in new.values():
+            if ts.state is RELEASED and not ts.dependents and not ts.wanted_by:
+                self._transitions({ts: FORGOTTEN})
+
+    def _on_release_keys(self, cid: str, msg) -> None:
+        client = self.clients[cid]
+        recs: dict = {}
+        for k in msg.keys:
+            ts = self.tasks.get(m.as_key(k))
+            if ts is None:
+                continue
+            ts.wanted_by.discard(cid)
+            client.wants.discard(ts)
+            self._maybe_release(ts, recs)
+        self._transitions(recs)
+
+    # -- worker messages ---------------------------------------------------------
+
+    def _on_task_finished(self, ws: WorkerRecord, msg: m.TaskFinished) -> None:
+        ts = self.by_id.get(msg.id)
+        if ts is not None and ts.state is PROCESSING and ts.processing_on is ws:
+            recs = self._processing_to_memory(ts, ws, msg.nbytes, msg.type_name)
+            self._transitions(recs)
+        elif ts is not None and ts.state is MEMORY:
+            ts.who_has.add(ws)
+            ws.has_what.add(ts)
+            ws.nbytes += ts.nbytes
+        else:
+            self._release_on(ws.wid, msg.id)
+
+    def _on_task_erred(self, ws: WorkerRecord, msg: m.TaskErred) -> None:
+        ts = self.by_id.get(msg.id)
+        if ts is None or ts.state is not PROCESSING or ts.processing_on is not ws:
+            return
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        ts.state = RELEASED  # still among its dependencies' waiters
+        self._free_resources(ts, ws)
+        self._worker_room(ws)
+        recs: dict = {}
+        if ts.retries > 0:
+            ts.retries -= 1
+            recs[ts] = WAITING
+        else:
+            self._mark_erred(ts, ts, msg.exception, msg.traceback, recs)
+        self._transitions(recs)
+
+    def _on_data_acquired(self, ws: WorkerRecord, msg: m.DataAcquired) -> None:
+        for tid, nbytes in zip(msg.ids, msg.nbytes):
+            ts = self.by_id.get(tid)
+            if ts is not None and ts.state is MEMORY:
+                if ws not in ts.who_has:
+                    ts.who_has.add(ws)
+                    ws.has_what.add(ts)
+                    ws.nbytes += ts.nbytes
+            else:
+                self._release_on(ws.wid, tid)
+
+    def _on_data_missing(self, ws: WorkerRecord, msg: m.DataMissing) -> None:
+        ts = self.by_id.get(msg.id)
+        holder = self.workers.get(msg.holder)
+        if ts is None or holder is None or holder not in ts.who_has:
+            return
+        ts.who_has.discard(holder)
+        holder.has_what.discard(ts)
+        holder.nbytes -= ts.nbytes
+        recs: dict = {}
+        if not ts.who_has and ts.state is MEMORY:
+            self._data_lost(ts, recs)
+        elif msg.stuck:
+            # Other holders exist that the worker was never told of: re-send
+            # its tasks that need this input, with the current holders.
+            for dts in list(ts.waiters):
+                if dts.state is PROCESSING and dts.processing_on is ws:
+                    self._reset_processing(dts, recs)
+        self._transitions(recs)
+
+    def _on_heartbeat(self, ws: WorkerRecord, msg: m.WorkerHeartbeat) -> None:
+        ws.memory = msg.memory
+
+    def _on_tasks_rejected(self, ws: WorkerRecord, msg: m.TasksRejected) -> None:
+        recs: dict = {}
+        for tid in msg.ids:
+            ts = self.by_id.get(tid)
+            if ts is not None and ts.state is PROCESSING and ts.processing_on is ws:
+                ws.processing.discard(ts)
+                ts.processing_on = None
+                self._free_resources(ts, ws)
+                ts.state = RELEASED
+                recs[ts] = WAITING
+        self._worker_room(ws)
+        self._transitions(recs)
+
+    # -- transitions -------------------------------------------------------------
+
+    def _released_to_waiting(self, ts: SchedulerTask) -> dict:
+        recs: dict = {}
+        n = 0
+        for dep in ts.dependencies:
+            if dep.state is ERRED:
+                self._mark_erred(ts, dep.blamed or dep, None, "", recs)
+                return recs
+        for dep in ts.dependencies:
+            dep.waiters.add(ts)
+            if dep.state is not MEMORY:
+                n += 1
+                if dep.state is RELEASED:
+                    recs[dep] = WAITING
+        ts.waiting_on = n
+        ts.state = WAITING
+        if n == 0:
+            recs[ts] = READY
+        return recs
+
+    def _waiting_to_ready(self, ts: SchedulerTask) -> dict:
+        self.unrunnable.discard(ts)
+        if ts.workers is None and ts.resources is None and not ts.dependencies:
+            # Root task: wait in the queue; ``_drain_queue`` hands these out in
+            # priority order as workers have room, so inputs are not over-produced.
+            ts.state = QUEUED
+            heapq.heappush(self.queued, (ts.priority, ts.id, ts))
+            return {}
+        candidates = self._candidates(ts)
+        if not candidates:
+            ts.state = NO_WORKER
+            self.unrunnable.add(ts)
+            return {}
+        ws = self.policy.choose(ts, candidates)
+        self._send(ts, ws)
+        return {}
+
+    def _candidates(self, ts: SchedulerTask):
+        if ts.workers is None and ts.resources is None:
+            return self.workers.values()
+        out = []
+        for ws in self.workers.values():
+            if ts.workers is not None and not ts.allow_other_workers:
+                if ws.name not in ts.workers and ws.address not in ts.workers:
+                    continue
+            if ts.resources:
+                if any(ws.resources.get(r, 0) < need for r, need in ts.resources.items()):
+                    continue
+            out.append(ws)
+        if ts.workers is not None and ts.allow_other_workers:
+            preferred = [ws for ws in out if ws.name in ts.workers or ws.address in ts.workers]
+            return preferred or out
+        return out
+
+    def _send(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
+        ts.state = PROCESSING
+        ts.processing_on = ws
+        ws.processing.add(ts)
+        if ts.resources:
+            for r, need in ts.resources.items():
+                ws.used_resources[r] = ws.used_resources.get(r, 0) + need
+        if len(ws.processing) >= ws.nthreads + self.queue_ahead:
+            self.idle.discard(ws)
+        deps = ts.dependencies
+        if deps:
+            msg = m.Execute(
+                ts.id,
+                ts.key,
+                ts.run_spec,
+                list(ts.priority),
+                [d.id for d in deps],
+                [d.key for d in deps],
+                [[w.wid for w in d.who_has] for d in deps],
+            )
+        else:
+            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority))
+        self._cmds.worker(ws.wid, msg)
+
+    def _drain_queue(self) -> None:
+        queued, idle = self.queued, self.idle
+        while queued and idle:
+            _, _, ts = heapq.heappop(queued)
+            if ts.state is not QUEUED:
+                continue  # stale entry: released or erred while queued
+            ws = self.policy.choose(ts, idle)
+            self._send(ts, ws)
+
+    def _worker_room(self, ws: WorkerRecord) -> None:
+        if ws.wid in self.workers and len(ws.processing) < ws.nthreads + self.queue_ahead:
+            self.idle.add(ws)
+
+    def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
+        if ts.resources:
+            for r, need in ts.resources.items():
+                ws.used_resources[r] = ws.used_resources.get(r, 0) - need
+
+    def _processing_to_memory(self, ts: SchedulerTask, ws: WorkerRecord, nbytes: int, type_name: str) -> dict:
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        self._free_resources(ts, ws)
+        self._worker_room(ws)
+        ts.state = MEMORY
+        ts.nbytes = nbytes
+        ts.type_name = type_name
+        ts.who_has.add(ws)
+        ws.has_what.add(ts)
+        ws.nbytes += nbytes
+        recs: dict = {}
+        for dep in ts.dependencies:
+            dep.waiters.discard(ts)
+            if not dep.waiters and not dep.wanted_by and dep.state is MEMORY:
+                recs[dep] = RELEASED
+        for dts in ts.dependents:
+            if dts.state is WAITING:
+                dts.waiting_on -= 1
+                if dts.waiting_on == 0:
+                    recs[dts] = READY
+        if ts.wanted_by:
+            msg = self._in_memory_msg(ts)
+            for cid in ts.wanted_by:
+                self._cmds.client(cid, msg)
+        elif not ts.waiters:
+            recs[ts] = RELEASED
+        return recs
+
+    def _to_released(self, ts: SchedulerTask) -> dict:
+        """Drop a task nobody needs: its data, its place in a queue or on a worker."""
+        recs: dict = {}
+        state = ts.state
+        if state is MEMORY:
+            for ws in ts.who_has:
+                ws.has_what.discard(ts)
+                ws.nbytes -= ts.nbytes
+                self._release_on(ws.wid, ts.id)
+            ts.who_has.clear()
+        else:
+            if state is PROCESSING:
+                ws = ts.processing_on
+                ws.processing.discard(ts)
+                ts.processing_on = None
+                self._free_resources(ts, ws)
+                self._worker_room(ws)
+                self._cancel_on(ws.wid, ts.id)
+            elif state is NO_WORKER:
+                self.unrunnable.discard(ts)
+            for dep in ts.dependencies:
+                dep.waiters.discard(ts)
+                self._maybe_release(dep, recs)
+        ts.state = RELEASED
+        if not ts.dependents and not ts.wanted_by:
+            recs[ts] = FORGOTTEN
+        return recs
+
+    def _forget(self, ts: SchedulerTask) -> dict:
+        if ts.wanted_by or ts.dependents or ts.waiters:
+            return {}
+        recs: dict = {}
+        del self.tasks[ts.key]
+        del self.by_id[ts.id]
+        for dep in ts.dependencies:
+            dep.dependents.discard(ts)
+            dep.waiters.discard(ts)
+            if dep.state in (RELEASED, ERRED):
+                if not dep.dependents and not dep.wanted_by:
+                    recs[dep] = FORGOTTEN
+            else:
+                self._maybe_release(dep, recs)
+        ts.state = RELEASED
+        return recs
+
+    def _maybe_release(self, ts: SchedulerTask, recs: dict) -> None:
+        """Recommend releasing ``ts`` if no client and no waiting dependent needs it."""
+        if ts.wanted_by or ts.waiters:
+            return
+        if ts.state is ERRED:
+            if not ts.dependents:
+                recs[ts] = FORGOTTEN
+        elif ts.state is RELEASED:
+            if not ts.dependents:
+                recs[ts] = FORGOTTEN
+        else:
+            recs[ts] = RELEASED
+
+    def _data_lost(self, ts: SchedulerTask, recs: dict) -> None:
+        """``ts`` was in memory but no worker holds it any more."""
+        ts.state = RELEASED
+        for dts in list(ts.waiters):
+            if dts.state is PROCESSING:
+                self._reset_processing(dts, recs)
+            elif dts.state is WAITING:
+                dts.waiting_on += 1
+            elif dts.state is NO_WORKER:
+                self.unrunnable.discard(dts)
+                dts.state = RELEASED
+                recs[dts] = WAITING
+        if ts.waiters or ts.wanted_by:
+            recs[ts] = WAITING
+        elif not ts.dependents:
+            recs[ts] = FORGOTTEN
+
+    def _release_on(self, wid: int, tid: int) -> None:
+        # In order with Execute messages (an id may be released and re-sent in
+        # one batch), coalesced with an immediately preceding ReleaseData.
+        msgs = self._cmds.to_workers.get(wid)
+        if msgs and type(msgs[-1]) is m.ReleaseData:
+            msgs[-1].ids.append(tid)
+        else:
+            self._cmds.worker(wid, m.ReleaseData([tid]))
+
+    def _cancel_on(self, wid: int, tid: int) -> None:
+        msgs = self._cmds.to_workers.get(wid)
+        if msgs and type(msgs[-1]) is m.CancelTasks:
+            msgs[-1].ids.append(tid)
+        else:
+            self._cmds.worker(wid, m.CancelTasks([tid]))
+
+    def _reset_processing(self, ts: SchedulerTask, recs: dict) -> None:
+        """Take ``ts`` back from its worker and plan it again."""
+        ws = ts.processing_on
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        self._free_resources(ts, ws)
+        self._worker_room(ws)
+        self._cancel_on(ws.wid, ts.id)
+        ts.state = RELEASED  # stays among its dependencies' waiters
+        recs[ts] = WAITING
+
+    def _mark_erred(self, ts: SchedulerTask, blamed: SchedulerTask, exception, traceback: str, recs: dict) -> None:
+        """``ts`` failed (or ``blamed``, a dependency, did): err it and its dependents."""
+        if exception is not None:
+            blamed.exception = exception
+            blamed.traceback = traceback
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state is ERRED or (t.state is MEMORY and t is not ts):
+                continue
+            if t.state is PROCESSING:
+                ws = t.processing_on
+                ws.processing.discard(t)
+                t.processing_on = None
+                self._free_resources(t, ws)
+                self._worker_room(ws)
+                self._cancel_on(ws.wid, t.id)
+            elif t.state is NO_WORKER:
+                self.unrunnable.discard(t)
+            for dep in t.dependencies:
+                dep.waiters.discard(t)
+                self._maybe_release(dep, recs)
+            t.state = ERRED
+            t.blamed = blamed
+            recs.pop(t, None)
+            if t.wanted_by:
+                msg = self._erred_msg(t)
+                for cid in t.wanted_by:
+                    self._cmds.client(cid, msg)
+            stack.extend(t.dependents)
+
+    # -- messages ---------------------------------------------------------------
+
+    def _in_memory_msg(self, ts: SchedulerTask) -> m.KeyInMemory:
+        return m.KeyInMemory(ts.key, ts.id, [ws.address for ws in ts.who_has], ts.nbytes, ts.type_name)
+
+    def _erred_msg(self, ts: SchedulerTask) -> m.KeyErred:
+        b = ts.blamed or ts
+        return m.KeyErred(ts.key, b.exception, b.traceback, b.key)
+
+    # -- introspection -------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check every invariant; raise :class:`InvariantError` naming the first broken one."""
+
+        def check(cond: bool, what: str, ts=None) -> None:
+            if not cond:
+                raise InvariantError(f"{what}: {ts!r}" if ts is not None else what)
+
+        for key, ts in self.tasks.items():
+            check(ts.key == key, "task stored under another key", ts)
+            check(self.by_id.get(ts.id) is ts, "task missing from by_id", ts)
+            for dep in ts.dependencies:
+                check(dep.key in self.tasks, "dependency forgotten before its dependent", ts)
+                check(ts in dep.dependents, "dependency does not list its dependent", ts)
+            for dts in ts.dependents:
+                check(ts in dts.dependencies, "dependent does not list its dependency", ts)
+            for w in ts.waiters:
+                check(w.state in (WAITING, QUEUED, NO_WORKER, PROCESSING), "waiter not waiting", w)
+            waiting_like = ts.state in (WAITING, QUEUED, NO_WORKER, PROCESSING)
+            for dep in ts.dependencies:
+                check((ts in dep.waiters) == waiting_like, "waiters out of sync with state", ts)
+            if ts.state is MEMORY:
+                check(bool(ts.who_has), "in memory but no holder", ts)
+                for ws in ts.who_has:
+                    check(ws.wid in self.workers and ts in ws.has_what, "holder does not know", ts)
+            else:
+                check(not ts.who_has, "holders recorded outside memory", ts)
+            if ts.state is PROCESSING:
+                ws = ts.processing_on
+                check(ws is not None and ws.wid in self.workers and ts in ws.processing, "processing on unknown worker", ts)
+                for dep in ts.dependencies:
+                    check(dep.state is MEMORY, "processing before its inputs exist", ts)
+            else:
+                check(ts.processing_on is None, "processing_on set outside processing", ts)
+            if ts.state is WAITING:
+                n = sum(1 for d in ts.dependencies if d.state is not MEMORY)
+                check(ts.waiting_on == n and n > 0, f"waiting_on={ts.waiting_on}, actual {n}", ts)
+            if ts.state is NO_WORKER:
+                check(ts in self.unrunnable, "no-worker task not tracked", ts)
+            for cid in ts.wanted_by:
+                check(cid in self.clients and ts in self.clients[cid].wants, "wanted by unknown client", ts)
+            if ts.state is RELEASED:
+                check(bool(ts.dependents or ts.wanted_by), "released task neither needed nor forgotten", ts)
+            if ts.state in (MEMORY,):
+                check(bool(ts.waiters or ts.wanted_by), "data kept that nobody needs", ts)
+        queued = {t for _, _, t in self.queued if t.state is QUEUED}
+        for ts in self.tasks.values():
+            if ts.state is QUEUED:
+                check(ts in queued, "queued task not in the queue", ts)
+        check(len(self.by_id) == len(self.tasks), "by_id and tasks differ in size")
+        for ws in self.workers.values():
+            for ts in ws.processing:
+                check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)
+            for ts in ws.has_what:
+                check(ts.state is MEMORY and ws in ts.who_has, "worker holds a task not in memory there", ts)
+            room = len(ws.processing) < ws.nthreads + self.queue_ahead
+            check((ws in self.idle) == room, f"idle set out of sync for worker {ws.wid}")
+        for cid, cr in self.clients.items():
+            for ts in cr.wants:
+                check(cid in ts.wanted_by, "client wants a task that does not know it", ts)
+        if self.queued and self.idle:
+            check(all(t.state is not QUEUED for _, _, t in self.queued), "queued tasks while workers idle")
+
+    def snapshot(self) -> dict:
+        """Counts by state, per worker: for the dashboard and for tests."""
+        by_state: dict = {}
+        for ts in self.tasks.values():
+            by_state[ts.state.value] = by_state.get(ts.state.value, 0) + 1
+        return {
+            "tasks": by_state,
+            "workers": {
+                ws.name: {"processing": len(ws.processing), "stored": len(ws.has_what), "nbytes": ws.nbytes}
+                for ws in self.workers.values()
+            },
+            "clients": len(self.clients),
+            "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
+        }
+
+
+def _find_cycle(new: dict, dep_keys: dict) -> list:
+    """Keys on a cycle among newly submitted tasks, or [] (Kahn's algorithm).
+
+    Known tasks cannot depend on new ones, so only new tasks can form cycles.
+    """
+    waiting = {}
+    dependents: dict = {}
+    for key in new:
+        n = 0
+        for d in dep_keys[key]:
+            if d in new:
+                n += 1
+                dependents.setdefault(d, []).append(key)
+        waiting[key] = n
+    ready = [k for k, n in waiting.items() if n == 0]
+    done = 0
+    while ready:
+        k = ready.pop()
+        done += 1
+        for d in dependents.get(k, ()):
+            waiting[d] -= 1
+            if waiting[d] == 0:
+                ready.append(d)
+    if done == len(new):
+        return []
+    stuck = {k for k, n in waiting.items() if n > 0}
+    k = next(iter(stuck))
+    seen: dict = {}
+    path: list = []
+    while k not in seen:
+        seen[k] = len(path)
+        path.append(k)
+        k = next(d for d in dep_keys[k] if d in stuck)
+    return path[seen[k]:]

@@ -1,0 +1,329 @@
+"""Explicit task objects and graph helpers.
+
+A graph is a ``dict[key, Node]``.  A node is one of
+
+* :class:`Task` -- call ``func(*args, **kwargs)``; arguments may contain
+  :class:`TaskRef` (the value of another key) and nested :class:`Task` objects
+  (computed inline, no key of their own) inside lists, tuples, dicts and sets;
+* :class:`Alias` -- the value of another key, under a new name;
+* :class:`DataNode` -- a literal value.
+
+Dependencies are computed once, at construction, by looking for ``TaskRef``
+*objects*: nothing ever guesses that a string is a key.  Values that must not
+be searched (large lists, user objects) can be wrapped in :class:`Literal`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Hashable, Iterable, Mapping
+
+from .errors import CycleError, MissingDependencyError
+
+Key = Hashable
+
+__all__ = [
+    "Key",
+    "TaskRef",
+    "Literal",
+    "Node",
+    "Task",
+    "Alias",
+    "DataNode",
+    "dependencies",
+    "dependents",
+    "validate_graph",
+    "order",
+    "cull",
+]
+
+
+class TaskRef:
+    """A reference to the value of the task named ``key``."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Key):
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"TaskRef({self.key!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is TaskRef and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(("TaskRef", self.key))
+
+    def __reduce__(self):
+        return TaskRef, (self.key,)
+
+
+class Literal:
+    """A value passed through untouched: never searched for references."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Literal({self.value!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is Literal and other.value == self.value
+
+    def __reduce__(self):
+        return Literal, (self.value,)
+
+
+def _find_refs(obj: Any, out: set) -> bool:
+    """Add keys referenced in ``obj`` to ``out``; return whether ``obj`` needs
+    substitution at run time (contains a ref, a nested task or a Literal)."""
+    t = type(obj)
+    if t is TaskRef:
+        out.add(obj.key)
+        return True
+    if t is Task:
+        out.update(obj.dependencies)
+        return True
+    if t is Literal:
+        return True
+    if t is list or t is tuple or t is set or t is frozenset:
+        found = False
+        for item in obj:
+            if _find_refs(item, out):
+                found = True
+        return found
+    if t is dict:
+        found = False
+        for item in obj.values():
+            if _find_refs(item, out):
+                found = True
+        return found
+    return False
+
+
+def _substitute(obj: Any, data: Mapping) -> Any:
+    t = type(obj)
+    if t is TaskRef:
+        return data[obj.key]
+    if t is Task:
+        return obj(data)
+    if t is Literal:
+        return obj.value
+    if t is list:
+        return [_substitute(x, data) for x in obj]
+    if t is tuple:
+        return tuple([_substitute(x, data) for x in obj])
+    if t is dict:
+        return {k: _substitute(v, data) for k, v in obj.items()}
+    if t is set or t is frozenset:
+        return t(_substitute(x, data) for x in obj)
+    return obj
+
+
+class Node:
+    """Base class of graph nodes: something with a key that produces a value."""
+
+    __slots__ = ("key", "dependencies")
+
+    key: Key
+    dependencies: frozenset
+
+    def __call__(self, data: Mapping) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Task(Node):
+    """``func(*args, **kwargs)`` under ``key``.
+
+    ``key`` may be ``None`` for a task nested inside another task's arguments.
+    """
+
+    __slots__ = ("func", "args", "kwargs", "_needs_subs")
+
+    def __init__(self, key: Key, func: Callable, /, *args: Any, **kwargs: Any):
+        if not callable(func):
+            raise TypeError(f"task {key!r}: {func!r} is not callable")
+        self.key = key
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        refs: set = set()
+        a = _find_refs(args, refs)
+        k = _find_refs(kwargs, refs) if kwargs else False
+        self._needs_subs = a or k
+        self.dependencies = frozenset(refs)
+
+    def __call__(self, data: Mapping) -> Any:
+        if not self._needs_subs:
+            return self.func(*self.args, **self.kwargs)
+        args = _substitute(self.args, data)
+        kwargs = _substitute(self.kwargs, data) if self.kwargs else {}
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__name__", type(self.func).__name__)
+        return f"Task({self.key!r}, {name}, deps={sorted(map(repr, self.dependencies))})"
+
+    def __reduce__(self):
+        return _rebuild_task, (self.key, self.func, self.args, self.kwargs)
+
+
+def _rebuild_task(key, func, args, kwargs):
+    return Task(key, func, *args, **kwargs)
+
+
+class Alias(Node):
+    """The value of ``target`` under the name ``key``."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, key: Key, target: Key):
+        self.key = key
+        self.target = target
+        self.dependencies = frozenset([target])
+
+    def __call__(self, data: Mapping) -> Any:
+        return data[self.target]
+
+    def __repr__(self) -> str:
+        return f"Alias({self.key!r} -> {self.target!r})"
+
+    def __reduce__(self):
+        return Alias, (self.key, self.target)
+
+
+class DataNode(Node):
+    """A literal value under ``key``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, key: Key, value: Any):
+        self.key = key
+        self.value = value
+        self.dependencies = frozenset()
+
+    def __call__(self, data: Mapping) -> Any:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"DataNode({self.key!r})"
+
+    def __reduce__(self):
+        return DataNode, (self.key, self.value)
+
+
+# -- graph helpers --------------------------------------------------------------
+
+
+def dependencies(graph: Mapping[Key, Node]) -> dict[Key, frozenset]:
+    return {k: node.dependencies for k, node in graph.items()}
+
+
+def dependents(graph: Mapping[Key, Node]) -> dict[Key, set]:
+    out: dict[Key, set] = {k: set() for k in graph}
+    for k, node in graph.items():
+        for d in node.dependencies:
+            if d in out:
+                out[d].add(k)
+    return out
+
+
+def validate_graph(graph: Mapping[Key, Node], known: Iterable[Key] = ()) -> None:
+    """Raise :class:`MissingDependencyError` or :class:`CycleError` naming the keys.
+
+    ``known`` are keys that exist outside the graph (data already on the cluster).
+    """
+    known = set(known)
+    missing: dict = {}
+    for k, node in graph.items():
+        if node.key is not None and node.key != k:
+            raise ValueError(f"graph key {k!r} holds a node keyed {node.key!r}")
+        bad = [d for d in node.dependencies if d not in graph and d not in known]
+        if bad:
+            missing[k] = bad
+    if missing:
+        raise MissingDependencyError(missing)
+    _topological(graph)  # raises CycleError
+
+
+def _topological(graph: Mapping[Key, Node]) -> list:
+    """Kahn's algorithm; on a cycle, raise with the keys that never freed."""
+    waiting = {k: sum(1 for d in n.dependencies if d in graph) for k, n in graph.items()}
+    deps_of = dependents(graph)
+    ready = [k for k, c in waiting.items() if c == 0]
+    out = []
+    while ready:
+        k = ready.pop()
+        out.append(k)
+        for dep in deps_of[k]:
+            waiting[dep] -= 1
+            if waiting[dep] == 0:
+                ready.append(dep)
+    if len(out) != len(graph):
+        stuck = [k for k, c in waiting.items() if c > 0]
+        raise CycleError(_cycle_members(graph, set(stuck)))
+    return out
+
+
+def _cycle_members(graph: Mapping[Key, Node], stuck: set) -> list:
+    """Walk dependencies inside ``stuck`` until a key repeats: that loop is a cycle."""
+    start = next(iter(stuck))
+    path: list = []
+    seen: dict = {}
+    k = start
+    while k not in seen:
+        seen[k] = len(path)
+        path.append(k)
+        k = next(d for d in graph[k].dependencies if d in stuck)
+    return path[seen[k]:]
+
+
+def order(graph: Mapping[Key, Node]) -> dict[Key, int]:
+    """A priority for every key (lower runs first) that finishes branches first.
+
+    A simulated depth-first run: once a task is ordered, the dependents it
+    makes ready are ordered next, before any other root is started, so
+    intermediate results are consumed and freed early (the goal of
+    ``dask.order``).  Roots are taken in graph insertion order, which keeps
+    neighbouring partitions together.
+    """
+    deps_of = dependents(graph)
+    waiting = {k: sum(1 for d in n.dependencies if d in graph) for k, n in graph.items()}
+    index = {k: i for i, k in enumerate(graph)}
+    # A stack of ready keys: dependents pushed after a task is ordered pop first.
+    stack = [k for k, c in waiting.items() if c == 0]
+    stack.reverse()
+    prio: dict = {}
+    n = 0
+    while stack:
+        k = stack.pop()
+        prio[k] = n
+        n += 1
+        newly = []
+        for dep in deps_of[k]:
+            waiting[dep] -= 1
+            if waiting[dep] == 0:
+                newly.append(dep)
+        if newly:
+            newly.sort(key=lambda d: index[d], reverse=True)
+            stack.extend(newly)
+    if len(prio) != len(graph):
+        _topological(graph)  # raises CycleError with the members
+    return prio
+
+
+def cull(graph: Mapping[Key, Node], keys: Iterable[Key]) -> dict[Key, Node]:
+    """The subgraph needed to compute ``keys``."""
+    out: dict = {}
+    stack = [k for k in keys]
+    while stack:
+        k = stack.pop()
+        if k in out or k not in graph:
+            continue
+        node = graph[k]
+        out[k] = node
+        stack.extend(node.dependencies)
+    return out

@@ -1,0 +1,53 @@
+"""Small helpers shared by the CLI and cluster code."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"4GB"`` -> 4_000_000_000; ``"512MiB"``, ``"1.5 GB"`` and plain numbers work too."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a number of bytes (try '4GB' or '512MiB')")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``"GPU=2 MEM=10e9"`` or ``"GPU=2,MEM=10e9"`` -> ``{"GPU": 2.0, "MEM": 1e10}``."""
+    out: dict[str, float] = {}
+    if not text:
+        return out
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not name:
+            raise ValueError(f"resource {part!r} is not NAME=AMOUNT")
+        out[name] = float(value)
+    return out

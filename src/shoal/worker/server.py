@@ -1,0 +1,312 @@
+"""The worker's reactor: sockets, threads and values around ``WorkerState``.
+
+It turns incoming batches and finished threads into events, calls
+``WorkerState.handle`` once per batch, and carries out the commands: start
+tasks, fetch inputs from peers, drop values, message the scheduler.  It also
+serves its data to peers and clients (``GetData``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import psutil
+
+from ..comm import Comm, connect, listen
+from ..errors import CommClosedError, ProtocolError, SerializationError
+from ..protocol import messages as m
+from ..protocol.serialize import deserialize, serialize
+from .executor import Executor, Outcome
+from .state import FetchFailed, FetchSucceeded, SchedulerSent, TaskCompleted, TaskFailed, WorkerState
+
+logger = logging.getLogger("shoal.worker")
+
+PEER_ROLE_MSGS = (m.GetData,)
+
+
+class Worker:
+    def __init__(
+        self,
+        scheduler_address: str,
+        *,
+        nthreads: int = 1,
+        name: str | None = None,
+        memory_limit: int = 0,
+        resources: dict | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_interval: float = 1.0,
+        connect_timeout: float = 30.0,
+        validate: bool = False,
+    ):
+        self.scheduler_address = scheduler_address
+        self.nthreads = nthreads
+        self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
+        self.memory_limit = memory_limit
+        self.resources = dict(resources or {})
+        self.host = host
+        self.port = port
+        self.heartbeat_interval = heartbeat_interval
+        self.connect_timeout = connect_timeout
+        self.state = WorkerState(nthreads, validate=validate)
+        self.store: dict[int, Any] = {}
+        self.address = ""
+        self._scheduler: Comm | None = None
+        self._listener = None
+        self._executor: Executor | None = None
+        self._peer_comms: dict[str, Comm] = {}
+        self._connecting: dict[str, asyncio.Future] = {}
+        self._requests: dict[int, asyncio.Future] = {}
+        self._request_ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self._welcomed: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self.close_reason = ""
+        self._process = psutil.Process()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> "Worker":
+        loop = asyncio.get_running_loop()
+        self._welcomed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._executor = Executor(self.nthreads, self._on_outcomes, loop)
+        self._listener = await listen(f"tcp://{self.host}:{self.port}", self._on_incoming, m.ToWorker)
+        self.address = self._listener.address
+        try:
+            comm = await connect(self.scheduler_address, m.ToWorker, timeout=self.connect_timeout)
+        except CommClosedError:
+            await self._listener.close()
+            raise
+        self._scheduler = comm
+        comm.on_closed = self._on_scheduler_lost
+        comm.send(
+            m.RegisterWorker(
+                self.name, self.address, self.nthreads, self.memory_limit, self.resources, os.getpid()
+            )
+        )
+        comm.flush()
+        comm.handler = self._on_scheduler_msgs
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._welcomed.wait()
+        except TimeoutError:
+            await self.close("scheduler did not answer registration")
+            raise CommClosedError(f"scheduler at {self.scheduler_address} did not welcome us")
+        self._spawn(self._heartbeat())
+        logger.info("worker %s at %s registered with %s", self.name, self.address, self.scheduler_address)
+        return self
+
+    async def finished(self) -> str:
+        await self._closed.wait()
+        return self.close_reason
+
+    async def close(self, reason: str = "closed") -> None:
+        if self._closed is None or self._closed.is_set():
+            return
+        self.close_reason = reason
+        self._closed.set()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await t
+            except BaseException:
+                pass
+        if self._scheduler is not None:
+            self._scheduler.close()
+        for c in list(self._peer_comms.values()):
+            c.close()
+        if self._listener is not None:
+            await self._listener.close()
+        if self._executor is not None:
+            self._executor.shutdown()
+        self.store.clear()
+        logger.info("worker %s closed: %s", self.name, reason)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _on_scheduler_lost(self, comm: Comm, exc) -> None:
+        if not self._closed.is_set():
+            self._spawn_close(f"lost the scheduler: {exc or 'connection closed'}")
+
+    def _spawn_close(self, reason: str) -> None:
+        asyncio.get_running_loop().create_task(self.close(reason))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                rss = self._process.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            if self._scheduler is not None and not self._scheduler.closed:
+                self._scheduler.send(m.WorkerHeartbeat(rss, len(self.state.executing), len(self.store)))
+
+    # -- the core loop --------------------------------------------------------------
+
+    def _on_scheduler_msgs(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) not in _FROM_SCHEDULER:
+                raise ProtocolError(f"scheduler sent {type(msg).__name__}, which is not a scheduler message")
+            if type(msg) is m.CloseWorker:
+                self._spawn_close(f"scheduler asked: {msg.reason}")
+                return
+        self._handle([SchedulerSent(msgs)])
+        if not self._welcomed.is_set() and self.state.wid is not None:
+            self._welcomed.set()
+
+    def _handle(self, events: list) -> None:
+        cmds = self.state.handle(events)
+        store = self.store
+        for tid in cmds.forget:
+            store.pop(tid, None)
+        for ts in cmds.run:
+            try:
+                data = {d.key: store[d.id] for d in ts.deps}
+            except KeyError as e:  # an invariant broke: fail loudly, not silently
+                logger.error("task %r started without input %r", ts.key, e)
+                raise
+            self._executor.submit(ts.id, ts.key, ts.run_spec, data)
+        for peer, address, ids in cmds.fetch:
+            self._spawn(self._fetch(peer, address, ids))
+        if cmds.to_scheduler and self._scheduler is not None and not self._scheduler.closed:
+            self._scheduler.send_many(cmds.to_scheduler)
+
+    def _on_outcomes(self, outcomes: list[Outcome]) -> None:
+        if self._closed.is_set():
+            return
+        events = []
+        for out in outcomes:
+            if out.ok:
+                self.store[out.id] = out.value
+                events.append(TaskCompleted(out.id, out.nbytes, out.type_name, out.duration))
+            else:
+                events.append(TaskFailed(out.id, out.exception, out.traceback))
+        self._handle(events)
+
+    # -- fetching from peers --------------------------------------------------------------
+
+    async def _peer(self, address: str) -> Comm:
+        comm = self._peer_comms.get(address)
+        if comm is not None and not comm.closed:
+            return comm
+        pending = self._connecting.get(address)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._connecting[address] = fut
+        try:
+            comm = await connect(address, m.ToWorker, timeout=self.connect_timeout)
+            comm.send(m.PeerHello(self.name))
+            comm.handler = self._on_peer_answer
+            comm.on_closed = self._on_peer_closed
+            self._peer_comms[address] = comm
+            fut.set_result(comm)
+            return comm
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning
+            raise
+        finally:
+            self._connecting.pop(address, None)
+
+    def _on_peer_answer(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) is not m.DataResponse:
+                raise ProtocolError(f"peer sent {type(msg).__name__} on a data connection")
+            fut = self._requests.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _on_peer_closed(self, comm: Comm, exc) -> None:
+        for rid, fut in list(self._requests.items()):
+            if getattr(fut, "comm", None) is comm and not fut.done():
+                fut.set_exception(CommClosedError(f"peer {comm.peer_address} closed: {exc}"))
+                self._requests.pop(rid, None)
+
+    async def _fetch(self, peer: int, address: str, ids: list[int]) -> None:
+        try:
+            comm = await self._peer(address)
+            rid = next(self._request_ids)
+            fut = asyncio.get_running_loop().create_future()
+            fut.comm = comm  # type: ignore[attr-defined]
+            self._requests[rid] = fut
+            comm.send(m.GetData(rid, ids))
+            async with asyncio.timeout(300):
+                resp: m.DataResponse = await fut
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.info("fetch of %d keys from %s failed: %s", len(ids), address, e)
+            self._handle([FetchFailed(peer, ids, str(e))])
+            return
+        got, nbytes, errors = [], [], dict(resp.errors)
+        for tid, payload in zip(resp.ids, resp.payloads):
+            try:
+                value = deserialize(payload, what=self._describe(tid))
+            except SerializationError as e:
+                errors[tid] = str(e)
+                continue
+            self.store[tid] = value
+            got.append(tid)
+            nbytes.append(payload.nbytes)
+        self._handle([FetchSucceeded(peer, got, nbytes, list(resp.missing), errors)])
+
+    # -- serving data ------------------------------------------------------------------------
+
+    def _on_incoming(self, comm: Comm) -> None:
+        comm.handler = self._on_first_peer_msgs
+
+    def _on_first_peer_msgs(self, comm: Comm, msgs: list) -> None:
+        hello = msgs[0]
+        if type(hello) is not m.PeerHello:
+            raise ProtocolError(f"expected PeerHello first, got {type(hello).__name__}")
+        comm.info["peer"] = hello.name
+        comm.handler = self._on_peer_request
+        if len(msgs) > 1:
+            self._on_peer_request(comm, msgs[1:])
+
+    def _on_peer_request(self, comm: Comm, msgs: list) -> None:
+        for msg in msgs:
+            if type(msg) is not m.GetData:
+                raise ProtocolError(f"{type(msg).__name__} is not a data request")
+            ids, payloads, missing, errors = [], [], [], {}
+            for tid in msg.ids:
+                if tid in self.store:
+                    try:
+                        payloads.append(serialize(self.store[tid], what=self._describe(tid)))
+                    except SerializationError as e:
+                        errors[tid] = str(e)
+                        continue
+                    ids.append(tid)
+                else:
+                    missing.append(tid)
+            comm.send(m.DataResponse(msg.request_id, ids, payloads, missing, errors))
+
+    def _describe(self, tid: int) -> str:
+        ts = self.state.tasks.get(tid)
+        return f"the result of task {ts.key!r}" if ts is not None else f"the result of task id {tid}"
+
+
+_FROM_SCHEDULER = (m.WorkerWelcome, m.PeersChanged, m.Execute, m.ReleaseData, m.CancelTasks, m.CloseWorker)
+
+
+async def run_worker(scheduler_address: str, **kwargs) -> str:
+    """Start a worker and serve until it closes; return why it closed."""
+    w = Worker(scheduler_address, **kwargs)
+    await w.start()
+    try:
+        return await w.finished()
+    finally:
+        await w.close("stopping")
