@@ -683,6 +683,24 @@ class Client:
 
     # -- Dask integration (see shoal.integrations.dask) ----------------------------------------
 
+    def get(self, dsk, keys, **kwargs):
+        """The Dask scheduler protocol: compute ``keys`` of graph ``dsk``."""
+        from ..integrations import dask as shoal_dask
+
+        return shoal_dask.get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections, *, sync: bool = False, **kwargs):
+        """Dask collection(s) -> Future(s) of their results (values if ``sync``)."""
+        from ..integrations import dask as shoal_dask
+
+        return shoal_dask.compute(self, collections, sync=sync, **kwargs)
+
+    def persist(self, collections, **kwargs):
+        """Dask collection(s) -> the same type, backed by data held on the workers."""
+        from ..integrations import dask as shoal_dask
+
+        return shoal_dask.persist(self, collections, **kwargs)
+
     def _set_dask_default(self) -> None:
         try:
             from ..integrations import dask as shoal_dask
