@@ -112,7 +112,9 @@ class Client:
             self._cluster = address
             address = address.scheduler_address
         self.scheduler_address: str = address
-        self._lock = threading.Lock()
+        # Re-entrant: garbage collection may run Future.__del__ (which takes this
+        # lock) in a thread that already holds it.
+        self._lock = threading.RLock()
         self._states: dict[Any, FutureState] = {}
         self._refs: dict[Any, int] = {}
         self._workers: list[str] = []
