@@ -87,6 +87,7 @@ def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: floa
 @click.option("--memory-limit", default="auto", show_default=True, help="Bytes per worker, e.g. 4GB; auto = memory / nworkers.")
 @click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface for the worker's data server.")
+@click.option("--zero", is_flag=True, help="Report tasks finished without running them (measures runtime overhead).")
 @click.option("--log-level", default="info", show_default=True)
 def worker(
     scheduler_address: str,
@@ -96,6 +97,7 @@ def worker(
     memory_limit: str,
     resources: str,
     host: str,
+    zero: bool,
     log_level: str,
 ) -> None:
     """Run workers connected to SCHEDULER_ADDRESS."""
@@ -106,12 +108,14 @@ def worker(
         limit = parse_bytes(memory_limit)
     res = parse_resources(resources)
     if nworkers > 1:
-        sys.exit(_run_many(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level))
+        sys.exit(_run_many(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero))
     install_uvloop()
     from .worker.server import Worker
 
     async def start():
-        w = Worker(scheduler_address, nthreads=nthreads, name=name, memory_limit=limit, resources=res, host=host)
+        w = Worker(
+            scheduler_address, nthreads=nthreads, name=name, memory_limit=limit, resources=res, host=host, zero=zero
+        )
         await w.start()
         return w
 
@@ -125,7 +129,7 @@ def worker(
         sys.exit(1)
 
 
-def _run_many(address, n, nthreads, name, limit, resources, host, log_level) -> int:
+def _run_many(address, n, nthreads, name, limit, resources, host, log_level, zero=False) -> int:
     """Start ``n`` single-worker processes and wait for them; signals stop them all."""
     from .cluster.local import spawn, stop_processes
 
@@ -136,6 +140,8 @@ def _run_many(address, n, nthreads, name, limit, resources, host, log_level) -> 
                 "--memory-limit", str(limit), "--host", host, "--log-level", log_level]
         if resources:
             args += ["--resources", resources]
+        if zero:
+            args.append("--zero")
         procs.append(spawn(args))
 
     def on_signal(signum, frame):
@@ -156,6 +162,15 @@ def demo(n_workers: int | None, threads_per_worker: int) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(n_workers, threads_per_worker))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmarks against dask.distributed (see `shoal bench --help-bench`)."""
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(ctx.args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -227,6 +227,10 @@ class Client:
                 ws.extend(a for a in msg.added if a not in ws)
                 self._workers = ws
                 self._notify_workers()
+            elif t is m.Info:
+                fut = self._requests.pop(msg.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.data)
             elif t is m.Welcome:
                 self._workers = list(msg.workers)
                 self._notify_workers()
@@ -613,6 +617,21 @@ class Client:
                 fut.set_exception(CommClosedError(f"worker {comm.peer_address} closed: {exc}"))
 
     # -- cluster information ---------------------------------------------------------------
+
+    def scheduler_info(self) -> dict:
+        """The scheduler's task counts by state, workers, and process/wire counters."""
+
+        async def ask():
+            rid = next(self._request_ids)
+            fut = asyncio.get_running_loop().create_future()
+            self._requests[rid] = fut
+            self._comm.send(m.RequestInfo(rid))
+            async with asyncio.timeout(self.timeout):
+                return await fut
+
+        if self.asynchronous:
+            return asyncio.wrap_future(self._io.submit(ask()))
+        return self._io.run(ask())
 
     @property
     def workers(self) -> list[str]:

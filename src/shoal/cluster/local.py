@@ -93,6 +93,7 @@ class LocalCluster:
         worker_names: list[str] | None = None,
         scheduler_options: dict | None = None,
         log_level: str = "warning",
+        zero: bool = False,
     ):
         self.n_workers, self.threads_per_worker = default_sizing(n_workers, threads_per_worker, processes)
         self.processes = processes
@@ -108,6 +109,7 @@ class LocalCluster:
             raise ValueError("worker_names must name each worker")
         self.scheduler_options = scheduler_options or {}
         self.log_level = log_level
+        self.zero = zero  # zero workers: tasks reported done without running
         self.scheduler_address = ""
         self.status = "starting"
         self._procs: list[subprocess.Popen] = []
@@ -172,6 +174,8 @@ class LocalCluster:
             ]
             if res:
                 args += ["--resources", res]
+            if self.zero:
+                args.append("--zero")
             self._procs.append(spawn(args))
 
     # -- threads ----------------------------------------------------------------------
@@ -195,6 +199,7 @@ class LocalCluster:
                     memory_limit=self.memory_limit,
                     resources=self.resources,
                     host=self.host,
+                    zero=self.zero,
                 )
                 await w.start()
                 workers.append(w)

@@ -105,6 +105,12 @@ class RetireWorkers(Msg, tag=15):
     workers: list[str]
 
 
+class RequestInfo(Msg, tag=16):
+    """Ask the scheduler for a snapshot of its state and counters."""
+
+    request_id: int
+
+
 # -- scheduler -> client --------------------------------------------------------
 
 
@@ -151,6 +157,11 @@ class WorkersChanged(Msg, tag=26):
 class RequestDone(Msg, tag=27):
     request_id: int
     error: str = ""
+
+
+class Info(Msg, tag=28):
+    request_id: int
+    data: dict[str, Any]
 
 
 # -- worker -> scheduler --------------------------------------------------------
@@ -261,6 +272,7 @@ ToScheduler = Union[
     ClientHeartbeat,
     CloseClient,
     RetireWorkers,
+    RequestInfo,
     TaskFinished,
     TaskErred,
     DataAcquired,
@@ -290,6 +302,7 @@ ToClient = Union[
     GraphRejected,
     WorkersChanged,
     RequestDone,
+    Info,
     DataResponse,
 ]
 
@@ -300,6 +313,7 @@ CLIENT_TO_SCHEDULER = (
     ClientHeartbeat,
     CloseClient,
     RetireWorkers,
+    RequestInfo,
 )
 WORKER_TO_SCHEDULER = (
     TaskFinished,

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import resource
 import time
 import uuid
+
+import psutil
 
 from ..comm import Comm, listen
 from ..errors import ProtocolError
@@ -138,7 +142,38 @@ class Scheduler:
         for msg in msgs:
             if type(msg) not in _FROM_CLIENT:
                 raise ProtocolError(f"a client may not send {type(msg).__name__}")
+        if any(type(msg) is m.RequestInfo for msg in msgs):
+            # Answered by the reactor: counters of connections and the process.
+            for msg in msgs:
+                if type(msg) is m.RequestInfo:
+                    comm.send(m.Info(msg.request_id, self.info()))
+            msgs = [msg for msg in msgs if type(msg) is not m.RequestInfo]
+            if not msgs:
+                return
         self._handle([ClientSent(comm.info["cid"], msgs)])
+
+    def info(self) -> dict:
+        """State counts and wire/process counters, for clients and benchmarks."""
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
+        mem = proc.memory_info()
+        snap = self.state.snapshot()
+        snap.update(
+            {
+                "id": self.id,
+                "address": self.address,
+                "pid": os.getpid(),
+                "cpu_seconds": cpu.user + cpu.system,
+                "rss": mem.rss,
+                "peak_rss": _peak_rss(),
+                "worker_bytes_sent": sum(c.bytes_sent for c in self._worker_comms.values()),
+                "worker_bytes_received": sum(c.bytes_received for c in self._worker_comms.values()),
+                "n_tasks": len(self.state.tasks),
+                "worker_addresses": {ws.name: ws.address for ws in self.state.workers.values()},
+                "connections_refused": self.connections_refused,
+            }
+        )
+        return snap
 
     def _on_worker_closed(self, comm: Comm, exc) -> None:
         wid = comm.info["wid"]
@@ -172,6 +207,11 @@ class Scheduler:
             if comm is not None:
                 logger.warning("closing worker %d: %s", wid, reason)
                 comm.abort()
+
+
+def _peak_rss() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 async def run_scheduler(host: str = "127.0.0.1", port: int = 8786, *, on_started=None, **kwargs) -> None:
