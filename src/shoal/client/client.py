@@ -14,6 +14,7 @@ import atexit
 import hashlib
 import itertools
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -62,8 +63,22 @@ def _run_spec(node) -> Payload:
     return Payload([head, *(b.raw() for b in buffers)])
 
 
-def _token(payload: Payload) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def _dumps(obj: Any) -> Payload:
+    """Pickle arguments: plain pickle when it can, cloudpickle when the
+    object refers to ``__main__`` (which a worker cannot import) or pickle fails."""
+    buffers: list = []
+    try:
+        head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        if b"__main__" in head:
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        buffers = []
+        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return Payload([head, *(b.raw() for b in buffers)])
+
+
+def _token(payload: Payload, salt: str = "") -> str:
+    h = hashlib.blake2b(salt.encode(), digest_size=16)
     for f in payload.frames:
         h.update(f)
     return h.hexdigest()
@@ -124,6 +139,7 @@ class Client:
         self._requests: dict[int, asyncio.Future] = {}
         self._request_ids = itertools.count()
         self._outq: list = []
+        self._func_cache: dict[int, tuple] = {}
         self._io = LoopThread(name=f"shoal-{self.id}")
         self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="shoal-callback")
         self._connected = self._io.submit(self._connect())
@@ -329,18 +345,35 @@ class Client:
             return {k: self._unpack(v, deps) for k, v in obj.items()}
         return obj
 
-    def _task_spec(self, func, args, kwargs, key, pure, opts) -> tuple[m.TaskSpec, Any]:
+    def _function(self, func: Callable) -> tuple[str, Payload]:
+        """``func`` pickled once, with a content token; cached by identity."""
+        hit = self._func_cache.get(id(func))
+        if hit is not None and hit[0] is func:
+            return hit[1], hit[2]
+        try:
+            payload = _run_spec(func)
+        except Exception as e:
+            raise SerializationError(f"cannot serialize function {_funcname(func)!r}: {type(e).__name__}: {e}") from e
+        token = _token(payload)
+        if len(self._func_cache) >= 256:
+            self._func_cache.pop(next(iter(self._func_cache)))
+        self._func_cache[id(func)] = (func, token, payload)
+        return token, payload
+
+    def _task_spec(self, func, args, kwargs, key, pure, opts, functions: dict) -> tuple[m.TaskSpec, Any]:
         deps: dict = {}
         args = self._unpack(args, deps)
         kwargs = self._unpack(kwargs, deps) if kwargs else {}
+        ftoken, fpayload = self._function(func)
+        functions[ftoken] = fpayload
         try:
-            payload = _run_spec(Task(None, func, *args, **kwargs))
+            payload = _dumps((args, kwargs))
         except Exception as e:
             raise SerializationError(
-                f"cannot serialize task {key or _funcname(func)!r}: {type(e).__name__}: {e}"
+                f"cannot serialize the arguments of task {key or _funcname(func)!r}: {type(e).__name__}: {e}"
             ) from e
         if key is None:
-            key = f"{_funcname(func)}-{_token(payload) if pure else uuid.uuid4().hex}"
+            key = f"{_funcname(func)}-{_token(payload, ftoken) if pure else uuid.uuid4().hex}"
         spec = m.TaskSpec(
             key,
             list(deps),
@@ -351,6 +384,8 @@ class Client:
             _names(opts.get("workers")),
             bool(opts.get("allow_other_workers", False)),
             opts.get("resources"),
+            False,
+            ftoken,
         )
         return spec, key
 
@@ -374,9 +409,10 @@ class Client:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         opts = dict(priority=priority, retries=retries, workers=workers, allow_other_workers=allow_other_workers, resources=resources)
-        spec, key = self._task_spec(func, args, kwargs, key, pure, opts)
+        functions: dict = {}
+        spec, key = self._task_spec(func, args, kwargs, key, pure, opts, functions)
         fut = Future(key, self)
-        self._send(m.SubmitGraph([spec], [key]))
+        self._send(m.SubmitGraph([spec], [key], functions))
         return fut
 
     def map(
@@ -401,19 +437,20 @@ class Client:
         prefix = key if isinstance(key, str) else None
         futures: list[Future] = []
         specs: list = []
+        functions: dict = {}
         for i, args in enumerate(zip(*iterables)):
             k = keys[i] if keys is not None else None
-            spec, k = self._task_spec(func, args, kwargs, k, pure, opts)
+            spec, k = self._task_spec(func, args, kwargs, k, pure, opts, functions)
             if prefix is not None:
                 k = spec.key = f"{prefix}-{k.rsplit('-', 1)[-1]}"
             spec.order = i
             specs.append(spec)
             futures.append(Future(k, self))
             if len(specs) >= batch_size:
-                self._send(m.SubmitGraph(specs, [s.key for s in specs]))
+                self._send(m.SubmitGraph(specs, [s.key for s in specs], functions))
                 specs = []
         if specs:
-            self._send(m.SubmitGraph(specs, [s.key for s in specs]))
+            self._send(m.SubmitGraph(specs, [s.key for s in specs], functions))
         return futures
 
     def submit_graph(self, graph: dict, keys: Iterable, *, priorities: dict | None = None, annotations: dict | None = None) -> list[Future]:

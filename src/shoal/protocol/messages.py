@@ -75,11 +75,16 @@ class TaskSpec(msgspec.Struct, array_like=True):
     allow_other_workers: bool = False
     resources: Optional[dict[str, float]] = None
     scattered: bool = False  # data the client sent: cannot be recomputed
+    # When set, the token of a function in SubmitGraph.functions (or sent
+    # before): run_spec then pickles only ``(args, kwargs)``.  A function
+    # shared by many tasks is pickled and sent once per graph and per worker.
+    func: str = ""
 
 
 class SubmitGraph(Msg, tag=10):
     tasks: list[TaskSpec]
     wanted: list[Key]  # keys the client holds futures for
+    functions: dict[str, Payload] = {}  # token -> pickled function
 
 
 class ReleaseKeys(Msg, tag=11):
@@ -233,6 +238,18 @@ class Execute(Msg, tag=42):
     deps: list[int] = []
     dep_keys: list[Key] = []
     who_has: list[list[int]] = []  # per dep: worker ids holding it
+    func: str = ""  # token of a function sent with DefineFunction
+
+
+class DefineFunction(Msg, tag=46):
+    """A function that later Execute messages name by ``token``."""
+
+    token: str
+    payload: Payload
+
+
+class ReleaseFunctions(Msg, tag=47):
+    tokens: list[str]
 
 
 class ReleaseData(Msg, tag=43):
@@ -285,6 +302,8 @@ ToWorker = Union[
     WorkerWelcome,
     PeersChanged,
     Execute,
+    DefineFunction,
+    ReleaseFunctions,
     ReleaseData,
     CancelTasks,
     CloseWorker,

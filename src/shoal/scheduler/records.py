@@ -43,6 +43,7 @@ class SchedulerTask:
         "allow_other_workers",
         "resources",
         "scattered",
+        "func",
     )
 
     def __init__(self, id: int, key: Any, run_spec, priority: tuple):
@@ -70,6 +71,7 @@ class SchedulerTask:
         self.allow_other_workers = False
         self.resources: dict | None = None
         self.scattered = False
+        self.func = ""  # token of a shared function, if any
 
     def __repr__(self) -> str:
         return f"<SchedulerTask {self.key!r} {self.state.value}>"
@@ -92,6 +94,7 @@ class WorkerRecord:
         "nbytes",
         "last_seen",
         "memory",
+        "functions",
     )
 
     def __init__(self, wid: int, name: str, address: str, nthreads: int, memory_limit: int, resources: dict, now: float):
@@ -107,6 +110,7 @@ class WorkerRecord:
         self.nbytes = 0
         self.last_seen = now
         self.memory = 0
+        self.functions: set[str] = set()  # function tokens this worker was sent
 
     @property
     def load(self) -> float:

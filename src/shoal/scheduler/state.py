@@ -71,6 +71,9 @@ class SchedulerState:
         self.queued: list = []  # heap of (priority, id, task)
         self.unrunnable: set[SchedulerTask] = set()
         self.idle: set[WorkerRecord] = set()  # workers below their queue limit
+        # Shared functions: token -> payload, and how many tasks name each.
+        self.functions: dict[str, Any] = {}
+        self.function_refs: dict[str, int] = {}
         self._next_id = 0
         self._generation = 0
         self._cmds = Commands()
@@ -248,6 +251,7 @@ class SchedulerState:
                 ts.allow_other_workers = spec.allow_other_workers
             ts.resources = spec.resources or None
             ts.scattered = spec.scattered
+            ts.func = spec.func
             new[key] = ts
             specs[key] = spec
         # Validate before touching any state: a rejected graph changes nothing.
@@ -259,6 +263,9 @@ class SchedulerState:
             bad = [d for d in deps if d not in new and d not in tasks]
             if bad:
                 missing[key] = bad
+        for key, ts in new.items():
+            if ts.func and ts.func not in msg.functions and ts.func not in self.functions:
+                missing.setdefault(key, []).append(f"<function {ts.func}>")
         wanted = [m.as_key(k) for k in msg.wanted]
         unknown = [k for k in wanted if k not in new and k not in tasks]
         if missing or unknown:
@@ -272,11 +279,19 @@ class SchedulerState:
         if cycle:
             self._cmds.client(cid, m.GraphRejected(cycle, f"the graph has a cycle through {cycle[:10]!r}"))
             return
+        for tok, payload in msg.functions.items():
+            self.functions.setdefault(tok, payload)
+        refs = self.function_refs
         for key, ts in new.items():
             ts.id = self._next_id
             self._next_id += 1
             tasks[key] = ts
             self.by_id[ts.id] = ts
+            if ts.func:
+                refs[ts.func] = refs.get(ts.func, 0) + 1
+        for tok in msg.functions:
+            if tok not in refs:
+                del self.functions[tok]  # every task naming it was known already
         for key, ts in new.items():
             deps = [tasks[d] for d in dep_keys[key]]
             ts.dependencies = deps
@@ -453,6 +468,10 @@ class SchedulerState:
         if len(ws.processing) >= ws.nthreads + self.queue_ahead:
             self.idle.discard(ws)
         deps = ts.dependencies
+        func = ts.func
+        if func and func not in ws.functions:
+            ws.functions.add(func)
+            self._cmds.worker(ws.wid, m.DefineFunction(func, self.functions[func]))
         if deps:
             msg = m.Execute(
                 ts.id,
@@ -462,9 +481,10 @@ class SchedulerState:
                 [d.id for d in deps],
                 [d.key for d in deps],
                 [[w.wid for w in d.who_has] for d in deps],
+                func,
             )
         else:
-            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority))
+            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority), func=func)
         self._cmds.worker(ws.wid, msg)
 
     def _drain_queue(self) -> None:
@@ -548,6 +568,8 @@ class SchedulerState:
         recs: dict = {}
         del self.tasks[ts.key]
         del self.by_id[ts.id]
+        if ts.func:
+            self._unref_function(ts.func)
         for dep in ts.dependencies:
             dep.dependents.discard(ts)
             dep.waiters.discard(ts)
@@ -558,6 +580,18 @@ class SchedulerState:
                 self._maybe_release(dep, recs)
         ts.state = RELEASED
         return recs
+
+    def _unref_function(self, tok: str) -> None:
+        n = self.function_refs[tok] - 1
+        if n:
+            self.function_refs[tok] = n
+            return
+        del self.function_refs[tok]
+        del self.functions[tok]
+        for ws in self.workers.values():
+            if tok in ws.functions:
+                ws.functions.discard(tok)
+                self._cmds.worker(ws.wid, m.ReleaseFunctions([tok]))
 
     def _maybe_release(self, ts: SchedulerTask, recs: dict) -> None:
         """Recommend releasing ``ts`` if no client and no waiting dependent needs it."""
@@ -707,6 +741,12 @@ class SchedulerState:
             if ts.state is QUEUED:
                 check(ts in queued, "queued task not in the queue", ts)
         check(len(self.by_id) == len(self.tasks), "by_id and tasks differ in size")
+        counts: dict = {}
+        for ts in self.tasks.values():
+            if ts.func:
+                counts[ts.func] = counts.get(ts.func, 0) + 1
+        check(counts == self.function_refs, "function reference counts out of sync")
+        check(set(self.functions) == set(counts), "functions kept that no task names")
         for ws in self.workers.values():
             for ts in ws.processing:
                 check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..errors import SerializationError
 from ..protocol.serialize import Payload, deserialize, serialize_exception, sizeof
+from ..spec import Task
 
 
 class Outcome:
@@ -33,12 +34,37 @@ class Outcome:
         self.traceback = ""
 
 
-def run_task(tid: int, key: Any, run_spec: Payload, data: dict) -> Outcome:
+class LazyFunction:
+    """A shared function's payload, unpickled on first use in a task thread."""
+
+    __slots__ = ("token", "payload", "_func", "_lock")
+
+    def __init__(self, token: str, payload: Payload | None):
+        self.token = token
+        self.payload = payload
+        self._func = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if self._func is None:
+            with self._lock:
+                if self._func is None:
+                    if self.payload is None:
+                        raise SerializationError(f"function {self.token} was never sent to this worker")
+                    self._func = deserialize(self.payload, what="a task's function")
+        return self._func
+
+
+def run_task(tid: int, key: Any, run_spec: Payload, data: dict, func: LazyFunction | None = None) -> Outcome:
     out = Outcome(tid)
     start = time.perf_counter()
     try:
         try:
-            node = deserialize(run_spec, what=f"task {key!r}")
+            if func is None:
+                node = deserialize(run_spec, what=f"task {key!r}")
+            else:
+                args, kwargs = deserialize(run_spec, what=f"the arguments of task {key!r}")
+                node = Task(None, func.get(), *args, **kwargs)
         except SerializationError as e:
             raise SerializationError(
                 f"{e} (is the function importable on the worker?)"
@@ -65,11 +91,11 @@ class Executor:
         self._done: list[Outcome] = []
         self._wake_pending = False
 
-    def submit(self, tid: int, key: Any, run_spec: Payload, data: dict) -> None:
-        self._pool.submit(self._run, tid, key, run_spec, data)
+    def submit(self, tid: int, key: Any, run_spec: Payload, data: dict, func: LazyFunction | None = None) -> None:
+        self._pool.submit(self._run, tid, key, run_spec, data, func)
 
-    def _run(self, tid: int, key: Any, run_spec: Payload, data: dict) -> None:
-        out = run_task(tid, key, run_spec, data)
+    def _run(self, tid: int, key: Any, run_spec: Payload, data: dict, func) -> None:
+        out = run_task(tid, key, run_spec, data, func)
         with self._lock:
             self._done.append(out)
             if self._wake_pending:

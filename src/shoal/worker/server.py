@@ -22,7 +22,7 @@ from ..comm import Comm, connect, listen
 from ..errors import CommClosedError, ProtocolError, SerializationError
 from ..protocol import messages as m
 from ..protocol.serialize import deserialize, serialize
-from .executor import Executor, Outcome
+from .executor import Executor, LazyFunction, Outcome
 from .state import FetchFailed, FetchSucceeded, SchedulerSent, TaskCompleted, TaskFailed, WorkerState
 
 logger = logging.getLogger("shoal.worker")
@@ -59,6 +59,7 @@ class Worker:
         # without running it: what remains is the runtime's own cost per task.
         self.zero = zero
         self._zero_done: list[Outcome] = []
+        self._functions: dict[str, LazyFunction] = {}
         self.state = WorkerState(nthreads, validate=validate)
         self.store: dict[int, Any] = {}
         self.address = ""
@@ -185,11 +186,23 @@ class Worker:
             except KeyError as e:  # an invariant broke: fail loudly, not silently
                 logger.error("task %r started without input %r", ts.key, e)
                 raise
-            self._executor.submit(ts.id, ts.key, ts.run_spec, data)
+            func = self._function(ts.func) if ts.func else None
+            self._executor.submit(ts.id, ts.key, ts.run_spec, data, func)
         for peer, address, ids in cmds.fetch:
             self._spawn(self._fetch(peer, address, ids))
         if cmds.to_scheduler and self._scheduler is not None and not self._scheduler.closed:
             self._scheduler.send_many(cmds.to_scheduler)
+
+    def _function(self, token: str) -> "LazyFunction":
+        """The shared function ``token``, unpickled once (in a task thread)."""
+        fn = self._functions.get(token)
+        payload = self.state.functions.get(token)
+        if fn is None or fn.payload is not payload:
+            fn = self._functions[token] = LazyFunction(token, payload)
+        if len(self._functions) > 2 * len(self.state.functions) + 64:
+            for tok in [t for t in self._functions if t not in self.state.functions]:
+                del self._functions[tok]
+        return fn
 
     def _zero_run(self, tasks: list) -> None:
         if not self._zero_done:
@@ -321,7 +334,16 @@ class Worker:
         return f"the result of task {ts.key!r}" if ts is not None else f"the result of task id {tid}"
 
 
-_FROM_SCHEDULER = (m.WorkerWelcome, m.PeersChanged, m.Execute, m.ReleaseData, m.CancelTasks, m.CloseWorker)
+_FROM_SCHEDULER = (
+    m.WorkerWelcome,
+    m.PeersChanged,
+    m.Execute,
+    m.ReleaseData,
+    m.CancelTasks,
+    m.CloseWorker,
+    m.DefineFunction,
+    m.ReleaseFunctions,
+)
 
 
 async def run_worker(scheduler_address: str, **kwargs) -> str:

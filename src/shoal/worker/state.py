@@ -56,13 +56,14 @@ MEMORY = WTState.MEMORY
 class WorkerTask:
     """The worker's view of one task or one piece of data it needs."""
 
-    __slots__ = ("id", "key", "state", "run_spec", "priority", "deps", "dependents", "missing", "who_has", "nbytes")
+    __slots__ = ("id", "key", "state", "run_spec", "func", "priority", "deps", "dependents", "missing", "who_has", "nbytes")
 
     def __init__(self, id: int, key: Any, state: WTState):
         self.id = id
         self.key = key
         self.state = state
         self.run_spec = None  # None: data only, never run here
+        self.func = ""  # token of a shared function (see WorkerState.functions)
         self.priority: tuple = ()
         self.deps: list[WorkerTask] = []
         self.dependents: set[WorkerTask] = set()
@@ -150,6 +151,7 @@ class WorkerState:
         self.to_fetch: set[WorkerTask] = set()
         self.in_flight: dict[int, set[WorkerTask]] = {}  # peer -> tasks asked of it
         self.nbytes = 0
+        self.functions: dict[str, Any] = {}  # token -> pickled function (Payload)
         self._cmds = WorkerCommands()
         self._sched_handlers = {
             m.WorkerWelcome: self._on_welcome,
@@ -157,6 +159,8 @@ class WorkerState:
             m.Execute: self._on_execute,
             m.ReleaseData: self._on_release,
             m.CancelTasks: self._on_cancel,
+            m.DefineFunction: self._on_define_function,
+            m.ReleaseFunctions: self._on_release_functions,
         }
         self._handlers = {
             SchedulerSent: self._on_scheduler_sent,
@@ -198,6 +202,13 @@ class WorkerState:
                 if wid in ts.who_has:
                     ts.who_has.remove(wid)
 
+    def _on_define_function(self, msg: m.DefineFunction) -> None:
+        self.functions[msg.token] = msg.payload
+
+    def _on_release_functions(self, msg: m.ReleaseFunctions) -> None:
+        for tok in msg.tokens:
+            self.functions.pop(tok, None)
+
     def _on_execute(self, msg: m.Execute) -> None:
         ts = self.tasks.get(msg.id)
         if ts is not None:
@@ -220,6 +231,7 @@ class WorkerState:
             self.tasks[msg.id] = ts
         ts.key = m.as_key(msg.key)
         ts.run_spec = msg.run_spec
+        ts.func = msg.func
         ts.priority = tuple(msg.priority)
         missing = 0
         deps = []
