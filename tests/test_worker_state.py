@@ -561,15 +561,6 @@ def test_cancel_while_executing_discards_result():
     assert finished_ids(cmds) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: WorkerState._on_execute returns early on `ts.run_spec is not None` "
-        "(duplicate assignment) before its `ts.state is CANCELLED` branch, so a task "
-        "cancelled/released while running and then re-assigned stays CANCELLED: its "
-        "result is forgotten and no TaskFinished is ever sent (scheduler waits forever)"
-    ),
-)
 @pytest.mark.parametrize("withdraw", [m.CancelTasks, m.ReleaseData])
 def test_reexecute_of_cancelled_running_task_keeps_its_result(withdraw):
     ws = make_state()
@@ -584,15 +575,6 @@ def test_reexecute_of_cancelled_running_task_keeps_its_result(withdraw):
     assert ws.tasks[1].state is MEMORY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a task that depends on a task that is CANCELLED but still running here "
-        "counts it as a missing input; when the cancelled task completes it is "
-        "_drop()ped without touching its dependents, so the dependent waits forever "
-        "(and validate() raises 'dependency link broken')"
-    ),
-)
 def test_new_dependent_of_cancelled_running_task_is_not_stranded():
     ws = make_state(nthreads=2)
     sched(ws, execute(1))
@@ -602,3 +584,42 @@ def test_new_dependent_of_cancelled_running_task_is_not_stranded():
     cmds = ws.handle([TaskCompleted(1, 5)])
     # Either the local result is kept and used, or 1 is fetched from peer 2.
     assert run_ids(cmds) == [2] or fetches(cmds) == {2: {1}}
+
+
+def test_task_assigned_here_while_its_value_is_in_flight_runs_if_fetch_fails():
+    ws = make_state(nthreads=2)
+    cmds = sched(ws, execute(10, deps=[1], who_has=[[1]]))
+    assert fetches(cmds) == {1: {1}}
+    # Peer 1 dies; the scheduler recomputes 1 here (it has no inputs).
+    sched(ws, m.PeersChanged([], [1]), execute(1))
+    cmds = ws.handle([FetchFailed(1, [1], "peer gone")])
+    assert run_ids(cmds) == [1]
+
+
+def test_define_and_release_shared_functions():
+    ws = make_state()
+    fn = Payload([b"pickled function"])
+    msg = execute(1)
+    msg.func = "tok"
+    cmds = sched(ws, m.DefineFunction("tok", fn), msg)
+    assert ws.functions == {"tok": fn}
+    (ts,) = cmds.run
+    assert ts.func == "tok"
+    sched(ws, m.ReleaseFunctions(["tok", "never-defined"]))
+    assert ws.functions == {}
+
+
+def test_queued_fetch_that_is_assigned_here_runs_instead():
+    ws = make_state(nthreads=2)
+    sched(ws, execute(50, prio=(5,), deps=[60], who_has=[[1]]))  # peer 1 busy
+    cmds = sched(ws, execute(10, prio=(1,), deps=[1], who_has=[[1]]))
+    assert ws.tasks[1].state is FETCH
+    # The scheduler decides to compute 1 here after all.
+    cmds = sched(ws, execute(1, prio=(0,)))
+    assert run_ids(cmds) == [1]
+    assert ws.tasks[1].state is EXECUTING
+    cmds = ws.handle([FetchSucceeded(1, [60], [1])])
+    assert cmds.fetch == []  # 1 is no longer fetched
+    cmds = ws.handle([TaskCompleted(1, 3)])
+    assert finished_ids(cmds) == [1]
+    assert run_ids(cmds) == [10]

@@ -204,6 +204,17 @@ class Future:
     def __reduce__(self):
         raise TypeError("shoal.Future cannot be pickled; pass it to submit() as an argument instead")
 
+    # -- Dask integration (see shoal.integrations.dask) -----------------------------
+
+    @property
+    def __dask_future__(self) -> bool:
+        """Tells Dask this is a reference to the data of ``key``: in a graph it
+        becomes a dependency on that key, never a value."""
+        return True
+
+    def __dask_tokenize__(self):
+        return ("shoal.Future", self.key)
+
     def __repr__(self) -> str:
         st = self._state
         extra = f", type: {st.type_name}" if st.status == FINISHED and st.type_name else ""

@@ -74,6 +74,11 @@ class Comm:
             logger.warning("closing connection from %s: %s", self.peer_address or "?", e)
             self.abort(e)
             return
+        except Exception as e:  # the decoder must never take the server down
+            err = ProtocolError(f"undecodable input: {type(e).__name__}: {e}")
+            logger.warning("closing connection from %s: %s", self.peer_address or "?", err)
+            self.abort(err)
+            return
         if msgs:
             try:
                 self._handler(self, msgs)
@@ -112,7 +117,20 @@ class Comm:
             self._outbox = []
             return
         msgs, self._outbox = self._outbox, []
-        frames = self._writer.encode(msgs)
+        try:
+            frames = self._writer.encode(msgs)
+        except Exception:
+            # A message we cannot encode is our own bug: log it, send the rest.
+            good = []
+            for msg in msgs:
+                try:
+                    self._writer.encode([msg])
+                    good.append(msg)
+                except Exception:
+                    logger.exception("dropping unencodable %s to %s", type(msg).__name__, self.peer_address)
+            if not good:
+                return
+            frames = self._writer.encode(good)
         for f in frames:
             self.bytes_sent += memoryview(f).nbytes
         self._write(frames)

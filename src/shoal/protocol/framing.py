@@ -137,6 +137,8 @@ class PacketReader:
             msgs = self._decoder.decode(frames[0])
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, NotImplementedError) as e:
             raise ProtocolError(f"malformed message: {e}") from None
+        except RecursionError:
+            raise ProtocolError("malformed message: nested too deeply") from None
         finally:
             self._frames = []
         return msgs

@@ -23,7 +23,9 @@ __all__ = ["Payload", "serialize", "deserialize", "serialize_exception", "Remote
 
 # Buffers larger than this are compressed when compression saves at least 10%.
 COMPRESS_MIN = 64 * 1024
-_LZ4_MARK = b"\x00lz4"
+# With out-of-band buffers, frame 1 holds one byte per buffer: how it is stored.
+_RAW = 0
+_LZ4 = 1
 
 
 class Payload:
@@ -63,15 +65,19 @@ def serialize(obj: Any, *, what: str = "object") -> Payload:
             raise SerializationError(f"cannot serialize {what}: {type(e).__name__}: {e}") from e
     if not buffers:
         return Payload([head])
-    frames = [head]
+    codecs = bytearray()
+    frames = [head, codecs]
     for buf in buffers:
         raw = buf.raw()
         if raw.nbytes >= COMPRESS_MIN:
             packed = lz4.block.compress(raw, store_size=True)
             if len(packed) < raw.nbytes * 0.9:
-                frames.append(_LZ4_MARK + packed)
+                codecs.append(_LZ4)
+                frames.append(packed)
                 continue
+        codecs.append(_RAW)
         frames.append(raw)
+    frames[1] = bytes(codecs)
     return Payload(frames)
 
 
@@ -80,13 +86,17 @@ def deserialize(payload: Payload, *, what: str = "object") -> Any:
     try:
         if len(frames) == 1:
             return pickle.loads(frames[0])
+        codecs = bytes(frames[1])
+        if len(codecs) != len(frames) - 2:
+            raise ValueError(f"{len(frames) - 2} buffers but {len(codecs)} codec flags")
         buffers = []
-        for f in frames[1:]:
-            mv = memoryview(f)
-            if mv.nbytes >= 4 and mv[:4] == _LZ4_MARK:
-                buffers.append(lz4.block.decompress(mv[4:]))
+        for codec, f in zip(codecs, frames[2:]):
+            if codec == _LZ4:
+                buffers.append(lz4.block.decompress(f))
+            elif codec == _RAW:
+                buffers.append(memoryview(f))
             else:
-                buffers.append(mv)
+                raise ValueError(f"unknown buffer codec {codec}")
         return pickle.loads(frames[0], buffers=buffers)
     except Exception as e:
         raise SerializationError(f"cannot deserialize {what}: {type(e).__name__}: {e}") from e
@@ -99,6 +109,9 @@ class RemoteException(Exception):
         self.type_name = type_name
         self.text = text
         super().__init__(f"{type_name}: {text}")
+
+    def __reduce__(self):
+        return RemoteException, (self.type_name, self.text)
 
 
 def serialize_exception(exc: BaseException) -> tuple[Payload, str]:

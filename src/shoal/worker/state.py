@@ -216,19 +216,16 @@ class WorkerState:
                 # Already here (fetched as an input): nothing to run.
                 self._cmds.to_scheduler.append(m.TaskFinished(ts.id, ts.nbytes))
                 return
-            if ts.run_spec is not None:
-                return  # a duplicate assignment
             if ts.state is CANCELLED:
                 ts.state = EXECUTING  # still running from before: keep its result
                 return
-            # A pending fetch becomes a task to run here.
-            self.to_fetch.discard(ts)
-            if ts.state is FLIGHT:
-                ts.run_spec = msg.run_spec
-                return  # the fetch will deliver it
+            if ts.run_spec is not None and ts.state is not FLIGHT and ts.state is not FETCH:
+                return  # a duplicate assignment
         else:
             ts = WorkerTask(msg.id, msg.key, WAITING)
             self.tasks[msg.id] = ts
+        in_flight = ts.state is FLIGHT
+        self.to_fetch.discard(ts)
         ts.key = m.as_key(msg.key)
         ts.run_spec = msg.run_spec
         ts.func = msg.func
@@ -243,7 +240,8 @@ class WorkerState:
                 dts.who_has = [w for w in holders if w != self.wid]
                 self.tasks[dep_id] = dts
                 self.to_fetch.add(dts)
-            elif dts.state in (FETCH, FLIGHT):
+            elif dts.state in (FETCH, FLIGHT, CANCELLED):
+                # CANCELLED: still running here; if it fails, fetch it instead.
                 for w in holders:
                     if w not in dts.who_has and w != self.wid:
                         dts.who_has.append(w)
@@ -253,7 +251,14 @@ class WorkerState:
                 missing += 1
         ts.deps = deps
         ts.missing = missing
-        if missing:
+        if in_flight:
+            # Its value is on the way: the transfer finishes it, or, if the
+            # transfer fails, it runs here (see _holder_failed).
+            return
+        self._wait_or_ready(ts)
+
+    def _wait_or_ready(self, ts: WorkerTask) -> None:
+        if ts.missing:
             ts.state = WAITING
         else:
             ts.state = READY
@@ -293,7 +298,7 @@ class WorkerState:
         if ts is None or ts not in self.executing:
             return
         self.executing.discard(ts)
-        if ts.state is CANCELLED:
+        if ts.state is CANCELLED and not self._needed_here(ts):
             self._cmds.forget.append(ts.id)
             self._drop(ts)
             return
@@ -307,7 +312,18 @@ class WorkerState:
         self.executing.discard(ts)
         if ts.state is not CANCELLED:
             self._cmds.to_scheduler.append(m.TaskErred(ts.id, ev.exception, ev.traceback))
+        elif self._needed_here(ts):
+            # Released, then needed again as another task's input: fetch it
+            # from the holders the scheduler named.
+            ts.run_spec = None
+            ts.state = FETCH
+            self.to_fetch.add(ts)
+            return
         self._drop(ts)
+
+    @staticmethod
+    def _needed_here(ts: WorkerTask) -> bool:
+        return any(d.state in (WAITING, READY, FLIGHT, FETCH) and d.run_spec is not None for d in ts.dependents)
 
     def _on_fetched(self, ev: FetchSucceeded) -> None:
         asked = self.in_flight.pop(ev.peer, set())
@@ -315,7 +331,8 @@ class WorkerState:
         for tid, nbytes in zip(ev.ids, ev.nbytes):
             ts = self.tasks.get(tid)
             if ts is None or ts not in asked:
-                self._cmds.forget.append(tid)
+                if ts is None or ts.state not in (MEMORY, EXECUTING):
+                    self._cmds.forget.append(tid)
                 continue
             asked.discard(ts)
             got_ids.append(tid)
@@ -362,9 +379,14 @@ class WorkerState:
             return
         if peer in ts.who_has:
             ts.who_has.remove(peer)
+        if ts.run_spec is not None:
+            # Assigned here while its value was in flight: compute it instead.
+            ts.missing = sum(1 for d in ts.deps if d.state is not MEMORY)
+            self._wait_or_ready(ts)
+            return
         stuck = not any(w in self.peers for w in ts.who_has)
         self._cmds.to_scheduler.append(m.DataMissing(ts.id, peer, stuck))
-        if not ts.dependents and ts.run_spec is None:
+        if not ts.dependents:
             self._drop(ts)
             return
         ts.state = FETCH
