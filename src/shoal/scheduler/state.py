@@ -76,6 +76,7 @@ class SchedulerState:
         self.function_refs: dict[str, int] = {}
         self._next_id = 0
         self._generation = 0
+        self._resources_freed = False
         self._cmds = Commands()
         self._handlers: dict[type, Callable] = {
             WorkerSent: self._on_worker_sent,
@@ -117,6 +118,8 @@ class SchedulerState:
         cmds = self._cmds = Commands()
         for ev in events:
             self._handlers[type(ev)](ev)
+        if self._resources_freed:
+            self._retry_unrunnable()
         self._drain_queue()
         self._cmds = Commands()
         if self.validate_each:
@@ -151,6 +154,8 @@ class SchedulerState:
             return
         handlers = self._client_msg
         for msg in ev.msgs:
+            if ev.cid not in self.clients:
+                break  # closed earlier in this batch
             handlers[type(msg)](ev.cid, msg)
 
     def _on_worker_joined(self, ev: WorkerJoined) -> None:
@@ -163,9 +168,7 @@ class SchedulerState:
         self._cmds.worker(ws.wid, m.WorkerWelcome(ws.wid, peers))
         for cid in self.clients:
             self._cmds.client(cid, m.WorkersChanged([ws.address], []))
-        if self.unrunnable:
-            stuck, self.unrunnable = self.unrunnable, set()
-            self._transitions({ts: READY for ts in stuck})
+        self._retry_unrunnable()
 
     def _on_worker_left(self, ev: WorkerLeft) -> None:
         ws = self.workers.pop(ev.wid, None)
@@ -269,7 +272,8 @@ class SchedulerState:
         wanted = [m.as_key(k) for k in msg.wanted]
         unknown = [k for k in wanted if k not in new and k not in tasks]
         if missing or unknown:
-            keys = list(missing)[:20] + unknown[:20]
+            # Name every wanted key, so the client can fail each of its futures.
+            keys = list(dict.fromkeys(wanted + list(missing)))
             reason = "; ".join(f"{k!r} depends on unknown keys {v[:5]!r}" for k, v in list(missing.items())[:5])
             if unknown:
                 reason = (reason + "; " if reason else "") + f"unknown wanted keys {unknown[:5]!r}"
@@ -277,7 +281,8 @@ class SchedulerState:
             return
         cycle = _find_cycle(new, dep_keys)
         if cycle:
-            self._cmds.client(cid, m.GraphRejected(cycle, f"the graph has a cycle through {cycle[:10]!r}"))
+            keys = list(dict.fromkeys(wanted + cycle))
+            self._cmds.client(cid, m.GraphRejected(keys, f"the graph has a cycle through {cycle[:10]!r}"))
             return
         for tok, payload in msg.functions.items():
             self.functions.setdefault(tok, payload)
@@ -311,7 +316,7 @@ class SchedulerState:
                 recs[ts] = WAITING
         self._transitions(recs)
         for ts in new.values():
-            if ts.state is RELEASED and not ts.dependents and not ts.wanted_by:
+            if ts.state is RELEASED and not ts.dependents and not ts.wanted_by and tasks.get(ts.key) is ts:
                 self._transitions({ts: FORGOTTEN})
 
     def _on_release_keys(self, cid: str, msg) -> None:
@@ -334,9 +339,10 @@ class SchedulerState:
             recs = self._processing_to_memory(ts, ws, msg.nbytes, msg.type_name)
             self._transitions(recs)
         elif ts is not None and ts.state is MEMORY:
-            ts.who_has.add(ws)
-            ws.has_what.add(ts)
-            ws.nbytes += ts.nbytes
+            if ws not in ts.who_has:
+                ts.who_has.add(ws)
+                ws.has_what.add(ts)
+                ws.nbytes += ts.nbytes
         else:
             self._release_on(ws.wid, msg.id)
 
@@ -441,6 +447,17 @@ class SchedulerState:
         self._send(ts, ws)
         return {}
 
+    def _retry_unrunnable(self) -> None:
+        """Tasks waiting for a worker (or for resources) may run now."""
+        self._resources_freed = False
+        while self.unrunnable:
+            stuck = sorted(self.unrunnable, key=lambda t: t.priority)
+            self.unrunnable = set()
+            self._transitions({ts: READY for ts in reversed(stuck)})
+            if not self._resources_freed:
+                break
+            self._resources_freed = False
+
     def _candidates(self, ts: SchedulerTask):
         if ts.workers is None and ts.resources is None:
             return self.workers.values()
@@ -450,7 +467,10 @@ class SchedulerState:
                 if ws.name not in ts.workers and ws.address not in ts.workers:
                     continue
             if ts.resources:
-                if any(ws.resources.get(r, 0) < need for r, need in ts.resources.items()):
+                # Free amounts, not totals: a worker runs only what it has room for.
+                if any(
+                    ws.resources.get(r, 0) - ws.used_resources.get(r, 0) < need for r, need in ts.resources.items()
+                ):
                     continue
             out.append(ws)
         if ts.workers is not None and ts.allow_other_workers:
@@ -504,6 +524,7 @@ class SchedulerState:
         if ts.resources:
             for r, need in ts.resources.items():
                 ws.used_resources[r] = ws.used_resources.get(r, 0) - need
+            self._resources_freed = True
 
     def _processing_to_memory(self, ts: SchedulerTask, ws: WorkerRecord, nbytes: int, type_name: str) -> dict:
         ws.processing.discard(ts)
@@ -563,7 +584,7 @@ class SchedulerState:
         return recs
 
     def _forget(self, ts: SchedulerTask) -> dict:
-        if ts.wanted_by or ts.dependents or ts.waiters:
+        if ts.wanted_by or ts.dependents or ts.waiters or self.tasks.get(ts.key) is not ts:
             return {}
         recs: dict = {}
         del self.tasks[ts.key]
