@@ -126,12 +126,18 @@ def worker(
         asyncio.run(_serve_until_signalled(start, stop))
     except Exception as e:  # e.g. the scheduler is unreachable
         click.echo(f"shoal worker: {e}", err=True)
-        sys.exit(1)
+        logging.shutdown()
+        os._exit(1)
+    # A task still running in a thread must not keep a stopped worker alive.
+    logging.shutdown()
+    os._exit(0)
 
 
 def _run_many(address, n, nthreads, name, limit, resources, host, log_level, zero=False) -> int:
     """Start ``n`` single-worker processes and wait for them; signals stop them all."""
-    from .cluster.local import spawn, stop_processes
+    import subprocess
+
+    from .cluster.local import spawn
 
     base = name or f"{os.uname().nodename}-{os.getpid()}"
     procs = []
@@ -144,14 +150,35 @@ def _run_many(address, n, nthreads, name, limit, resources, host, log_level, zer
             args.append("--zero")
         procs.append(spawn(args))
 
+    stopping: list[float] = []
+
     def on_signal(signum, frame):
-        stop_processes(procs)
-        sys.exit(0)
+        # Only signal here: waiting on children from a signal handler can
+        # deadlock with the main loop's own wait on the same child.
+        if not stopping:
+            stopping.append(time.monotonic())
+        for p in procs:
+            if p.returncode is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    codes = [p.wait() for p in procs]
-    return max(codes, default=0)
+    while any(p.poll() is None for p in procs):
+        for p in procs:
+            try:
+                p.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if stopping and time.monotonic() - stopping[0] > 5:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    if stopping:
+        return 0
+    return max((p.returncode or 0 for p in procs), default=0)
 
 
 @main.command()

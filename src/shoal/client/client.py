@@ -68,6 +68,8 @@ def _dumps(obj: Any) -> Payload:
     object refers to ``__main__`` (which a worker cannot import) or pickle fails."""
     buffers: list = []
     try:
+        if _by_value_modules():
+            raise pickle.PicklingError("modules registered for pickling by value")
         head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         if b"__main__" in head:
             raise pickle.PicklingError("refers to __main__")
@@ -75,6 +77,11 @@ def _dumps(obj: Any) -> Payload:
         buffers = []
         head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return Payload([head, *(b.raw() for b in buffers)])
+
+
+def _by_value_modules() -> bool:
+    """Whether ``cloudpickle.register_pickle_by_value`` is in use (plain pickle ignores it)."""
+    return bool(getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None))
 
 
 def _token(payload: Payload, salt: str = "") -> str:
@@ -276,11 +283,13 @@ class Client:
 
     # -- futures bookkeeping (any thread) -------------------------------------------------
 
-    def _track(self, key: Any, state: FutureState | None) -> FutureState:
+    def _track(self, key: Any, state: FutureState | None, submitted: bool = False) -> FutureState:
         with self._lock:
             self._refs[key] = self._refs.get(key, 0) + 1
             st = self._states.get(key)
-            if st is None:
+            if st is None or (submitted and st.status in (CANCELLED, LOST)):
+                # A key submitted again after a cancel (or loss) runs again:
+                # new futures get a fresh state; old ones stay cancelled.
                 st = state or FutureState(key)
                 self._states[key] = st
             return st
@@ -411,7 +420,7 @@ class Client:
         opts = dict(priority=priority, retries=retries, workers=workers, allow_other_workers=allow_other_workers, resources=resources)
         functions: dict = {}
         spec, key = self._task_spec(func, args, kwargs, key, pure, opts, functions)
-        fut = Future(key, self)
+        fut = Future(key, self, submitted=True)
         self._send(m.SubmitGraph([spec], [key], functions))
         return fut
 
@@ -445,7 +454,7 @@ class Client:
                 k = spec.key = f"{prefix}-{k.rsplit('-', 1)[-1]}"
             spec.order = i
             specs.append(spec)
-            futures.append(Future(k, self))
+            futures.append(Future(k, self, submitted=True))
             if len(specs) >= batch_size:
                 self._send(m.SubmitGraph(specs, [s.key for s in specs], functions))
                 specs = []
@@ -483,7 +492,7 @@ class Client:
                     ann.get("resources"),
                 )
             )
-        futures = [Future(k, self) for k in keys]
+        futures = [Future(k, self, submitted=True) for k in keys]
         self._send(m.SubmitGraph(specs, keys))
         return futures
 
@@ -502,7 +511,7 @@ class Client:
             if k is None:
                 k = f"{type(value).__name__}-{_token(payload) if hash else uuid.uuid4().hex}"
             specs.append(m.TaskSpec(k, [], payload, 0, 0, 0, None, False, None, True))
-            futures.append(Future(k, self))
+            futures.append(Future(k, self, submitted=True))
         self._send(m.SubmitGraph(specs, [s.key for s in specs]))
         if isinstance(data, dict):
             return {k: f for (k, _), f in zip(items, futures)}
@@ -712,9 +721,10 @@ class Client:
         self._shutdown_io()
         self.status = "closed"
         with self._lock:
-            for st in self._states.values():
-                if not st.done():
-                    st.set_cancelled("client closed")
+            states = list(self._states.values())
+        for st in states:  # callbacks may drop futures (and edit _states)
+            if not st.done():
+                st.set_cancelled("client closed")
         if self._owns_cluster and self._cluster is not None:
             self._cluster.close()
         return _done_awaitable() if self.asynchronous else None
@@ -734,7 +744,9 @@ class Client:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        self.close()
+        result = self.close()
+        if result is not None:
+            await result
 
     def __repr__(self) -> str:
         return f"<shoal.Client {self.scheduler_address} {self.status}, {len(self._workers)} workers>"

@@ -116,10 +116,10 @@ class Future:
 
     __slots__ = ("key", "client", "_state", "__weakref__")
 
-    def __init__(self, key: Any, client: "Client", state: FutureState | None = None):
+    def __init__(self, key: Any, client: "Client", state: FutureState | None = None, *, submitted: bool = False):
         self.key = key
         self.client = client
-        self._state = client._track(key, state)
+        self._state = client._track(key, state, submitted)
 
     # -- status ------------------------------------------------------------------
 

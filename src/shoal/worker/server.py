@@ -99,10 +99,16 @@ class Worker:
         )
         comm.flush()
         comm.handler = self._on_scheduler_msgs
+        welcomed = asyncio.ensure_future(self._welcomed.wait())
+        closed = asyncio.ensure_future(self._closed.wait())
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self._welcomed.wait()
-        except TimeoutError:
+            await asyncio.wait([welcomed, closed], timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            welcomed.cancel()
+            closed.cancel()
+        if self._closed.is_set():
+            raise CommClosedError(f"closed while registering with {self.scheduler_address}: {self.close_reason}")
+        if not self._welcomed.is_set():
             await self.close("scheduler did not answer registration")
             raise CommClosedError(f"scheduler at {self.scheduler_address} did not welcome us")
         self._spawn(self._heartbeat())
@@ -162,15 +168,20 @@ class Worker:
     # -- the core loop --------------------------------------------------------------
 
     def _on_scheduler_msgs(self, comm: Comm, msgs: list) -> None:
-        for msg in msgs:
+        close = None
+        for i, msg in enumerate(msgs):
             if type(msg) not in _FROM_SCHEDULER:
                 raise ProtocolError(f"scheduler sent {type(msg).__name__}, which is not a scheduler message")
             if type(msg) is m.CloseWorker:
-                self._spawn_close(f"scheduler asked: {msg.reason}")
-                return
-        self._handle([SchedulerSent(msgs)])
+                close = msg
+                msgs = msgs[:i]
+                break
+        if msgs:
+            self._handle([SchedulerSent(msgs)])
         if not self._welcomed.is_set() and self.state.wid is not None:
             self._welcomed.set()
+        if close is not None:
+            self._spawn_close(f"scheduler asked: {close.reason}")
 
     def _handle(self, events: list) -> None:
         cmds = self.state.handle(events)
