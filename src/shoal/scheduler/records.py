@@ -53,9 +53,11 @@ class SchedulerTask:
         self.state = TaskState.RELEASED
         self.priority = priority
         self.dependencies: list[SchedulerTask] = []
-        self.dependents: set[SchedulerTask] = set()
+        # Ordered sets (dicts with None values): iteration order must not
+        # depend on object identity, so the same events give the same result.
+        self.dependents: dict[SchedulerTask, None] = {}
         # Dependents that still need this task's data (not yet in memory).
-        self.waiters: set[SchedulerTask] = set()
+        self.waiters: dict[SchedulerTask, None] = {}
         self.waiting_on = 0  # dependencies not in memory, while WAITING
         self.who_has: set[WorkerRecord] = set()
         self.processing_on: WorkerRecord | None = None

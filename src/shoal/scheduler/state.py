@@ -181,7 +181,7 @@ class SchedulerState:
         for cid in self.clients:
             self._cmds.client(cid, m.WorkersChanged([], [ws.address]))
         recs: dict = {}
-        for ts in sorted(ws.processing, key=lambda t: t.priority):
+        for ts in sorted(ws.processing, key=_by_priority):
             ws.processing.discard(ts)
             ts.processing_on = None
             ts.state = RELEASED  # waiters of its dependencies stay: it still waits
@@ -196,7 +196,7 @@ class SchedulerState:
                 self._mark_erred(ts, ts, serialize(exc), "", recs)
             else:
                 recs[ts] = WAITING
-        for ts in list(ws.has_what):
+        for ts in sorted(ws.has_what, key=_by_id):
             ts.who_has.discard(ws)
             if not ts.who_has and ts.state is MEMORY:
                 if ts.scattered:
@@ -301,7 +301,7 @@ class SchedulerState:
             deps = [tasks[d] for d in dep_keys[key]]
             ts.dependencies = deps
             for dep in deps:
-                dep.dependents.add(ts)
+                dep.dependents[ts] = None
         client = self.clients[cid]
         recs: dict = {}
         for key in wanted:
@@ -419,7 +419,7 @@ class SchedulerState:
                 self._mark_erred(ts, dep.blamed or dep, None, "", recs)
                 return recs
         for dep in ts.dependencies:
-            dep.waiters.add(ts)
+            dep.waiters[ts] = None
             if dep.state is not MEMORY:
                 n += 1
                 if dep.state is RELEASED:
@@ -438,6 +438,13 @@ class SchedulerState:
             ts.state = QUEUED
             heapq.heappush(self.queued, (ts.priority, ts.id, ts))
             return {}
+        if ts.resources and not self._placing_unrunnable:
+            # Resource-limited tasks ready together compete for the same
+            # resources: place them after this batch, in priority order.
+            ts.state = NO_WORKER
+            self.unrunnable.add(ts)
+            self._resources_freed = True
+            return {}
         candidates = self._candidates(ts)
         if not candidates:
             ts.state = NO_WORKER
@@ -450,13 +457,18 @@ class SchedulerState:
     def _retry_unrunnable(self) -> None:
         """Tasks waiting for a worker (or for resources) may run now."""
         self._resources_freed = False
-        while self.unrunnable:
-            stuck = sorted(self.unrunnable, key=lambda t: t.priority)
-            self.unrunnable = set()
-            self._transitions({ts: READY for ts in reversed(stuck)})
-            if not self._resources_freed:
-                break
-            self._resources_freed = False
+        self._placing_unrunnable = True
+        try:
+            while self.unrunnable:
+                stuck = sorted(self.unrunnable, key=_by_priority)
+                self.unrunnable = set()
+                for ts in stuck:  # most urgent first
+                    self._transitions({ts: READY})
+                if not self._resources_freed:
+                    break
+                self._resources_freed = False
+        finally:
+            self._placing_unrunnable = False
 
     def _candidates(self, ts: SchedulerTask):
         if ts.workers is None and ts.resources is None:
@@ -539,7 +551,7 @@ class SchedulerState:
         ws.nbytes += nbytes
         recs: dict = {}
         for dep in ts.dependencies:
-            dep.waiters.discard(ts)
+            dep.waiters.pop(ts, None)
             if not dep.waiters and not dep.wanted_by and dep.state is MEMORY:
                 recs[dep] = RELEASED
         for dts in ts.dependents:
@@ -557,6 +569,8 @@ class SchedulerState:
 
     def _to_released(self, ts: SchedulerTask) -> dict:
         """Drop a task nobody needs: its data, its place in a queue or on a worker."""
+        if ts.wanted_by or ts.waiters:
+            return {}  # needed again since the recommendation was made
         recs: dict = {}
         state = ts.state
         if state is MEMORY:
@@ -576,7 +590,7 @@ class SchedulerState:
             elif state is NO_WORKER:
                 self.unrunnable.discard(ts)
             for dep in ts.dependencies:
-                dep.waiters.discard(ts)
+                dep.waiters.pop(ts, None)
                 self._maybe_release(dep, recs)
         ts.state = RELEASED
         if not ts.dependents and not ts.wanted_by:
@@ -592,8 +606,8 @@ class SchedulerState:
         if ts.func:
             self._unref_function(ts.func)
         for dep in ts.dependencies:
-            dep.dependents.discard(ts)
-            dep.waiters.discard(ts)
+            dep.dependents.pop(ts, None)
+            dep.waiters.pop(ts, None)
             if dep.state in (RELEASED, ERRED):
                 if not dep.dependents and not dep.wanted_by:
                     recs[dep] = FORGOTTEN
@@ -691,7 +705,7 @@ class SchedulerState:
             elif t.state is NO_WORKER:
                 self.unrunnable.discard(t)
             for dep in t.dependencies:
-                dep.waiters.discard(t)
+                dep.waiters.pop(t, None)
                 self._maybe_release(dep, recs)
             t.state = ERRED
             t.blamed = blamed
@@ -795,6 +809,14 @@ class SchedulerState:
             "clients": len(self.clients),
             "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
         }
+
+
+def _by_id(ts: SchedulerTask) -> int:
+    return ts.id
+
+
+def _by_priority(ts: SchedulerTask) -> tuple:
+    return ts.priority
 
 
 def _find_cycle(new: dict, dep_keys: dict) -> list:
