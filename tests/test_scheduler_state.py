@@ -962,15 +962,6 @@ def test_task_that_keeps_killing_workers_errs_with_killed_worker_error():
     assert not execs(join_worker(s, 3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError,),
-    reason="BUG: stale RELEASED recommendation in WorkerLeft: the KilledWorkerError path "
-    "(_mark_erred -> _maybe_release) recommends releasing input d; the data-lost path then "
-    "re-plans y, which adds itself to d.waiters and is sent; the queued RELEASED for d runs "
-    "afterwards (_to_released does not re-check waiters) and frees d under y: ReleaseData(d) "
-    "follows Execute(y); validate() raises 'processing before its inputs exist'",
-)
 def test_worker_loss_does_not_release_an_input_a_replanned_task_needs():
     s = setup(nworkers=2, allowed_failures=0)
     graph = {
