@@ -473,9 +473,19 @@ class Client:
         prio = priorities if priorities is not None else graph_order(graph)
         annotations = annotations or {}
         specs = []
+        functions: dict = {}
         for k, node in graph.items():
+            ftoken = ""
             try:
-                payload = _run_spec(node)
+                if type(node) is Task:
+                    # The function travels once per graph, the arguments alone per task.
+                    ftoken, fpayload = self._function(node.func)
+                    functions[ftoken] = fpayload
+                    payload = _dumps((node.args, node.kwargs))
+                else:
+                    payload = _run_spec(node)
+            except SerializationError:
+                raise
             except Exception as e:
                 raise SerializationError(f"cannot serialize task {k!r}: {type(e).__name__}: {e}") from e
             ann = annotations.get(k, {})
@@ -490,10 +500,12 @@ class Client:
                     _names(ann.get("workers")),
                     bool(ann.get("allow_other_workers", False)),
                     ann.get("resources"),
+                    False,
+                    ftoken,
                 )
             )
         futures = [Future(k, self, submitted=True) for k in keys]
-        self._send(m.SubmitGraph(specs, keys))
+        self._send(m.SubmitGraph(specs, keys, functions))
         return futures
 
     def scatter(self, data: Any, *, hash: bool = True):

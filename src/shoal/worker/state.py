@@ -139,6 +139,10 @@ class InvariantError(AssertionError):
     pass
 
 
+def _by_priority(ts: WorkerTask) -> tuple:
+    return ts.priority
+
+
 class WorkerState:
     def __init__(self, nthreads: int = 1, *, validate: bool = False):
         self.nthreads = nthreads
@@ -149,6 +153,9 @@ class WorkerState:
         self.ready: list = []  # heap of (priority, id, task)
         self.executing: set[WorkerTask] = set()
         self.to_fetch: set[WorkerTask] = set()
+        # Set when fetching may start anew (new inputs to fetch, a peer free):
+        # planning fetches walks ``to_fetch``, so it runs only then.
+        self._fetch_dirty = False
         self.in_flight: dict[int, set[WorkerTask]] = {}  # peer -> tasks asked of it
         self.nbytes = 0
         self.functions: dict[str, Any] = {}  # token -> pickled function (Payload)
@@ -194,6 +201,7 @@ class WorkerState:
             self.peers[p.wid] = p.address
 
     def _on_peers_changed(self, msg: m.PeersChanged) -> None:
+        self._fetch_dirty = True
         for p in msg.added:
             self.peers[p.wid] = p.address
         for wid in msg.removed:
@@ -239,13 +247,16 @@ class WorkerState:
                 dts = WorkerTask(dep_id, m.as_key(msg.dep_keys[i]), FETCH)
                 dts.who_has = [w for w in holders if w != self.wid]
                 self.tasks[dep_id] = dts
-                self.to_fetch.add(dts)
+                self._fetch_later(dts)
             elif dts.state in (FETCH, FLIGHT, CANCELLED):
                 # CANCELLED: still running here; if it fails, fetch it instead.
                 for w in holders:
                     if w not in dts.who_has and w != self.wid:
                         dts.who_has.append(w)
+                        self._fetch_dirty = True
             dts.dependents.add(ts)
+            if dts.state in (FETCH, FLIGHT) and (not dts.priority or ts.priority < dts.priority):
+                dts.priority = ts.priority  # an input is as urgent as its most urgent user
             deps.append(dts)
             if dts.state is not MEMORY:
                 missing += 1
@@ -317,7 +328,7 @@ class WorkerState:
             # from the holders the scheduler named.
             ts.run_spec = None
             ts.state = FETCH
-            self.to_fetch.add(ts)
+            self._fetch_later(ts)
             return
         self._drop(ts)
 
@@ -327,6 +338,7 @@ class WorkerState:
 
     def _on_fetched(self, ev: FetchSucceeded) -> None:
         asked = self.in_flight.pop(ev.peer, set())
+        self._fetch_dirty = True
         got_ids, got_nbytes = [], []
         for tid, nbytes in zip(ev.ids, ev.nbytes):
             ts = self.tasks.get(tid)
@@ -365,12 +377,13 @@ class WorkerState:
                 self._drop(dts)
         if ts.state is FLIGHT:
             ts.state = FETCH
-            self.to_fetch.add(ts)
+            self._fetch_later(ts)
         if not ts.dependents and ts.run_spec is None:
             self._drop(ts)
 
     def _on_fetch_failed(self, ev: FetchFailed) -> None:
         asked = self.in_flight.pop(ev.peer, set())
+        self._fetch_dirty = True
         for ts in asked:
             self._holder_failed(ts, ev.peer)
 
@@ -390,7 +403,7 @@ class WorkerState:
             self._drop(ts)
             return
         ts.state = FETCH
-        self.to_fetch.add(ts)  # tried again if another holder is known or announced
+        self._fetch_later(ts)  # tried again if another holder is known or announced
 
     # -- internal transitions ---------------------------------------------------------
 
@@ -433,9 +446,14 @@ class WorkerState:
             executing.add(ts)
             self._cmds.run.append(ts)
 
+    def _fetch_later(self, ts: WorkerTask) -> None:
+        self.to_fetch.add(ts)
+        self._fetch_dirty = True
+
     def _start_fetches(self) -> None:
-        if not self.to_fetch or len(self.in_flight) >= MAX_PEERS_IN_FLIGHT:
+        if not self._fetch_dirty or not self.to_fetch or len(self.in_flight) >= MAX_PEERS_IN_FLIGHT:
             return
+        self._fetch_dirty = False
         by_peer: dict[int, list[WorkerTask]] = {}
         for ts in self.to_fetch:
             for w in ts.who_has:
@@ -445,7 +463,7 @@ class WorkerState:
         for peer, wanted in by_peer.items():
             if len(self.in_flight) >= MAX_PEERS_IN_FLIGHT:
                 break
-            wanted.sort(key=lambda t: min((d.priority for d in t.dependents), default=()))
+            wanted.sort(key=_by_priority)  # inputs of the most urgent tasks first
             batch = [t for t in wanted[:FETCH_BATCH] if t.state is FETCH]
             if not batch:
                 continue
