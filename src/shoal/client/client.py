@@ -33,7 +33,7 @@ from ..errors import (
     SerializationError,
 )
 from ..protocol import messages as m
-from ..protocol.serialize import Payload, deserialize
+from ..protocol.serialize import Payload, deserialize, pack_frames
 from ..spec import DataNode, Task, TaskRef
 from .futures import CANCELLED, ERROR, FINISHED, LOST, Future, FutureState, _with_remote_traceback
 from .loop import LoopThread
@@ -60,7 +60,7 @@ def _run_spec(node) -> Payload:
     or interactively travel by value."""
     buffers: list = []
     head = cloudpickle.dumps(node, protocol=5, buffer_callback=buffers.append)
-    return Payload([head, *(b.raw() for b in buffers)])
+    return pack_frames(head, buffers)
 
 
 def _dumps(obj: Any) -> Payload:
@@ -76,7 +76,7 @@ def _dumps(obj: Any) -> Payload:
     except Exception:
         buffers = []
         head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    return Payload([head, *(b.raw() for b in buffers)])
+    return pack_frames(head, buffers)
 
 
 def _by_value_modules() -> bool:

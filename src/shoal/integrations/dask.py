@@ -30,7 +30,7 @@ import dask  # ImportError here means: dask not installed (pip install "shoal[da
 import dask.config
 from dask import _task_spec as dts
 from dask._expr import CompositeExpr, Expr, FinalizeCompute, HLGExpr, _ExprSequence
-from dask.base import collections_to_expr, is_dask_collection
+from dask.base import collections_to_expr, is_dask_collection, named_schedulers
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 
@@ -66,6 +66,17 @@ def _make_dict(*items):
     return dict(zip(items[::2], items[1::2]))
 
 
+def _run_subgraph(steps, outkey, inkeys, extra, *inputs):
+    """Run a fused task's inner graph, as Dask's ``_execute_subgraph`` does:
+    ``steps`` are ``(key, node)`` in order; the inner graph names its inputs
+    ``inkeys``; ``extra`` holds data of futures it referenced directly."""
+    data = dict(extra)
+    data.update(zip(inkeys, inputs))
+    for k, node in steps:
+        data[k] = node(data)
+    return data[outkey]
+
+
 def _call_dask_node(node, values):
     """Run a Dask graph node Shoal has no translation for, as Dask would."""
     return node(values)
@@ -75,13 +86,13 @@ def _call_dask_node(node, values):
 
 
 class _Translator:
-    """Dask nodes -> Shoal nodes.  Collects the Shoal futures it meets, whose
-    keys the graph then depends on without defining them."""
+    """Dask nodes -> Shoal nodes.  Collects the Shoal futures it meets (the
+    graph depends on their keys without defining them), so that they stay
+    alive until the graph is submitted."""
 
     def __init__(self, client=None):
         self.client = client
         self.futures: dict = {}  # key -> Future referenced by the graph
-        self.external: set = set()  # keys referenced but defined elsewhere
 
     def future(self, fut: Future) -> spec.TaskRef:
         if self.client is not None and fut.client is not self.client:
@@ -94,12 +105,13 @@ class _Translator:
         t = type(n)
         if t is dts.Alias:
             if n.target == key:
-                self.external.add(key)  # "the data of key", held elsewhere
-                return None
+                return None  # "the data of key": held elsewhere, not defined here
             return spec.Alias(key, n.target)
         if t is dts.DataNode:
             return self._data(key, n.value)
         if isinstance(n, dts.Task) and type(n).__call__ is dts.Task.__call__:
+            if n.func is dts._execute_subgraph and n.args and type(n.args[0]) is dict:
+                return self._fused(key, n)
             return self._task(key, n)
         if isinstance(n, dts.GraphNode):
             return self._opaque(key, n)
@@ -109,7 +121,6 @@ class _Translator:
         if isinstance(value, Future):
             self.future(value)
             if value.key == key:
-                self.external.add(key)
                 return None
             return spec.Alias(key, value.key)
         if type(value) in _CONTAINERS and _needs_rebuild(value):
@@ -121,6 +132,24 @@ class _Translator:
         if n.kwargs:
             return spec.Task(key, n.func, *args, **{k: self.arg(v) for k, v in n.kwargs.items()})
         return spec.Task(key, n.func, *args)
+
+    def _fused(self, key, n: dts.Task) -> spec.Task:
+        """A task Dask fused from several (``GraphNode.fuse``): its inner
+        graph is translated too and run in a precomputed order."""
+        inner_dsk, outkey, inkeys = n.args[0], n.args[1], tuple(n.args[2])
+        inner = _Translator(self.client)
+        inner.futures = self.futures
+        graph = {}
+        for k, v in inner_dsk.items():
+            node = inner.node(k, v)
+            if node is not None:
+                graph[k] = node
+        prio = spec.order(graph)
+        steps = tuple((k, graph[k]) for k in sorted(graph, key=prio.__getitem__))
+        used = set().union(*(nd.dependencies for nd in graph.values()))
+        extra = {d: spec.TaskRef(d) for d in used - graph.keys() - set(inkeys)}
+        inputs = [self.arg(a) for a in n.args[3:]]
+        return spec.Task(key, _run_subgraph, spec.Literal(steps), outkey, spec.Literal(inkeys), extra, *inputs)
 
     def _opaque(self, key, n: dts.GraphNode) -> spec.Task:
         deps = {d: spec.TaskRef(d) for d in n.dependencies}
@@ -236,7 +265,8 @@ def _layer_annotations(layers, by_type: bool) -> dict:
         for name, value in annots.items():
             if name not in ANNOTATIONS:
                 continue
-            for k in layer:
+            keys = layer.get_output_keys() if hasattr(layer, "get_output_keys") else layer
+            for k in keys:
                 v = value(k) if callable(value) else value
                 if by_type:
                     out.setdefault(name, {})[k] = v
@@ -515,6 +545,9 @@ class _ShoalScheduler:
 
 
 _SCHEDULER = _ShoalScheduler()
+#: ``dask.compute(..., scheduler="shoal")``; the default while a client is open.
+SCHEDULER_NAME = "shoal"
+named_schedulers[SCHEDULER_NAME] = _SCHEDULER
 
 
 def _default_client():
@@ -526,7 +559,7 @@ def _default_client():
         if any(c is x for x in live):
             return c
     if not live:
-        raise RuntimeError("no running shoal.Client is Dask's default scheduler")
+        raise RuntimeError("no running shoal.Client to compute on: create one (Client(...)) or pass scheduler=client")
     return live[-1]
 
 
@@ -535,7 +568,8 @@ def set_default(client) -> int:
     ``dask.compute``, ``dask.persist``) until :func:`unset_default`."""
     with _lock:
         if not _registered:
-            settings = [{"scheduler": _SCHEDULER}]
+            # A name, not the object: Dask's configuration stays serialisable.
+            settings = [{"scheduler": SCHEDULER_NAME}]
             if dask.config.get("dataframe.shuffle.method", None) is None:
                 # Dask's default without a distributed client ("disk") needs a
                 # shared local disk; task-based shuffles run anywhere.

@@ -49,6 +49,27 @@ class Payload:
         ]
 
 
+def pack_frames(head: bytes, buffers: list) -> Payload:
+    """A payload from a pickle stream and its protocol-5 buffers (codec flags
+    in frame 1, large compressible buffers lz4-compressed)."""
+    if not buffers:
+        return Payload([head])
+    codecs = bytearray()
+    frames = [head, codecs]
+    for buf in buffers:
+        raw = buf.raw() if isinstance(buf, pickle.PickleBuffer) else memoryview(buf)
+        if raw.nbytes >= COMPRESS_MIN:
+            packed = lz4.block.compress(raw, store_size=True)
+            if len(packed) < raw.nbytes * 0.9:
+                codecs.append(_LZ4)
+                frames.append(packed)
+                continue
+        codecs.append(_RAW)
+        frames.append(raw)
+    frames[1] = bytes(codecs)
+    return Payload(frames)
+
+
 def serialize(obj: Any, *, what: str = "object") -> Payload:
     """Pickle ``obj`` (protocol 5, buffers out of band), falling back to cloudpickle.
 
@@ -63,22 +84,7 @@ def serialize(obj: Any, *, what: str = "object") -> Payload:
             head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         except Exception as e:
             raise SerializationError(f"cannot serialize {what}: {type(e).__name__}: {e}") from e
-    if not buffers:
-        return Payload([head])
-    codecs = bytearray()
-    frames = [head, codecs]
-    for buf in buffers:
-        raw = buf.raw()
-        if raw.nbytes >= COMPRESS_MIN:
-            packed = lz4.block.compress(raw, store_size=True)
-            if len(packed) < raw.nbytes * 0.9:
-                codecs.append(_LZ4)
-                frames.append(packed)
-                continue
-        codecs.append(_RAW)
-        frames.append(raw)
-    frames[1] = bytes(codecs)
-    return Payload(frames)
+    return pack_frames(head, buffers)
 
 
 def deserialize(payload: Payload, *, what: str = "object") -> Any:
