@@ -459,6 +459,11 @@ class _NeedsTwoArgs(Exception):
     def __init__(self, a, b):
         super().__init__(f"{a}/{b}")
 
+    def __reduce__(self):
+        # Explicit, so that libraries patching exception pickling (tblib, which
+        # distributed installs) cannot make it rebuildable.
+        return type(self), (self.args[0],)
+
 
 def test_serialize_round_trips_plain_objects():
     obj = {"a": [1, 2.5, None], "b": ("x", b"bytes"), 3: {4, 5}}

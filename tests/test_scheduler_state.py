@@ -1504,3 +1504,58 @@ def test_function_of_a_task_erring_and_forgotten_is_released():
     cmds = client_send(s, m.ReleaseKeys(["a"]))
     assert to_worker(cmds, 1, m.ReleaseFunctions) == [m.ReleaseFunctions(["f1"])]
     assert s.functions == {}
+
+
+# -- graphs arriving in parts ---------------------------------------------------------------
+
+
+def submit_parts(s, graph: dict, part: int, wanted: list, cid="c") -> list:
+    all_specs = specs(graph)
+    out = []
+    for i in range(0, len(all_specs), part):
+        chunk = all_specs[i : i + part]
+        last = i + part >= len(all_specs)
+        out.append(client_send(s, m.SubmitGraph(chunk, wanted if last else [], {}, not last), cid=cid))
+    return out
+
+
+def test_graph_in_parts_starts_roots_before_the_last_part_and_finishes():
+    s = setup(nworkers=2)
+    graph = {f"x{i}": [] for i in range(6)}
+    graph.update({f"y{i}": [f"x{2 * i}", f"x{2 * i + 1}"] for i in range(3)})
+    graph["z"] = ["y0", "y1", "y2"]
+    cmds = submit_parts(s, graph, 4, ["z"])
+    # Roots of the first part were sent before the graph was complete.
+    assert {x.key for x in execs(cmds[0])} == {"x0", "x1", "x2", "x3"}
+    done = []
+    for c in cmds:
+        done += run_all(s, c)
+    assert "z" in done and s.tasks["z"].state is MEMORY
+    # The same end state as the graph sent whole, and no stand-in holder left.
+    ref = setup(nworkers=2)
+    run_all(ref, submit(ref, graph))
+    assert {k: t.state for k, t in s.tasks.items()} == {k: t.state for k, t in ref.tasks.items()}
+    assert [k for k, t in s.tasks.items() if t.state is MEMORY] == ["z"]
+    assert list(s.clients) == ["c"]
+
+
+def test_graph_in_parts_rejected_midway_leaves_nothing_behind():
+    s = setup(nworkers=1)
+    first = {"a": [], "b": ["a"]}
+    client_send(s, m.SubmitGraph(specs(first), [], {}, True))
+    assert s.tasks["a"].state in (PROCESSING, QUEUED)
+    cmds = client_send(s, m.SubmitGraph(specs({"c": ["b", "missing"]}), ["c"]))
+    (rej,) = to_client(cmds, m.GraphRejected)
+    assert "c" in rej.keys and "missing" in rej.reason
+    # The first part is released: "a" is cancelled on its worker and forgotten.
+    assert s.tasks == {}
+    assert ids_in(cmds, 1, m.CancelTasks)
+    assert list(s.clients) == ["c"]
+
+
+def test_client_leaving_mid_graph_releases_its_parts():
+    s = setup(nworkers=1)
+    client_send(s, m.SubmitGraph(specs({"a": [], "b": ["a"]}), [], {}, True))
+    cmds = s.handle([ClientLeft("c")])
+    assert ids_in(cmds, 1, m.CancelTasks)
+    assert s.tasks == {} and s.clients == {}

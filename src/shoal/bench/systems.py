@@ -21,6 +21,8 @@ A system offers
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import resource
@@ -61,28 +63,24 @@ class Skip(Exception):
 
 
 def available_systems() -> list[str]:
-    names = ["shoal"]
-    try:
-        import distributed  # noqa: F401
+    """Systems installed here; found without importing them (importing dask
+    and distributed into the driver would grow the heap Shoal's client runs in)."""
+    return ["shoal"] + [name for name, mod in (("dask", "distributed"), ("ray", "ray")) if _installed(mod)]
 
-        names.append("dask")
-    except ImportError:
-        pass
-    try:
-        import ray  # noqa: F401
 
-        names.append("ray")
-    except ImportError:
-        pass
-    return names
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def versions() -> dict:
     out = {}
-    for mod in ("shoal", "dask", "distributed", "ray", "numpy", "pandas"):
+    for dist in ("shoal", "dask", "distributed", "ray", "numpy", "pandas"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return out
 

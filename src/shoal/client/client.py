@@ -41,6 +41,8 @@ from .loop import LoopThread
 logger = logging.getLogger("shoal.client")
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+# Graphs larger than this are sent in parts (see SubmitGraph.more).
+GRAPH_PART = 4096
 _current: list = []  # stack of clients made current by ``as_current``
 
 
@@ -334,6 +336,8 @@ class Client:
                 comm.send(m.ReleaseKeys(releases))
                 releases = []
             comm.send(item)
+            if type(item) is m.SubmitGraph and len(item.tasks) >= GRAPH_PART // 2:
+                comm.flush()  # one packet per graph part: the scheduler decodes them one by one
         if releases:
             comm.send(m.ReleaseKeys(releases))
 
@@ -435,7 +439,7 @@ class Client:
         workers=None,
         allow_other_workers: bool = False,
         resources: dict | None = None,
-        batch_size: int = 10000,
+        batch_size: int = 4096,
         **kwargs,
     ) -> list[Future]:
         """``submit`` over zipped iterables, as one graph submission per batch."""
@@ -505,7 +509,17 @@ class Client:
                 )
             )
         futures = [Future(k, self, submitted=True) for k in keys]
-        self._send(m.SubmitGraph(specs, keys, functions))
+        if len(specs) <= GRAPH_PART:
+            self._send(m.SubmitGraph(specs, keys, functions))
+            return futures
+        # In parts, dependencies first (the graph order is topological), so
+        # the scheduler can handle one part at a time.
+        specs.sort(key=lambda s: s.order)
+        for i in range(0, len(specs), GRAPH_PART):
+            part = specs[i : i + GRAPH_PART]
+            last = i + GRAPH_PART >= len(specs)
+            used = {s.func for s in part if s.func}
+            self._send(m.SubmitGraph(part, keys if last else [], {t: functions[t] for t in used}, not last))
         return futures
 
     def scatter(self, data: Any, *, hash: bool = True):

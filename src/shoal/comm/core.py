@@ -135,6 +135,14 @@ class Comm:
             self.bytes_sent += memoryview(f).nbytes
         self._write(frames)
 
+    # -- flow control -------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop taking input until ``resume_reading`` (the reactor has a backlog)."""
+
+    def resume_reading(self) -> None:
+        pass
+
     # -- closing ----------------------------------------------------------------
 
     def _mark_closed(self, exc: BaseException | None) -> None:

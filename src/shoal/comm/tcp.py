@@ -22,6 +22,16 @@ class TCPComm(Comm):
             return
         t.writelines(frames)
 
+    def pause_reading(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing() and t.is_reading():
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing() and not t.is_reading():
+            t.resume_reading()
+
     def _close_transport(self) -> None:
         if self._transport is not None:
             self._transport.close()

@@ -85,6 +85,10 @@ class SubmitGraph(Msg, tag=10):
     tasks: list[TaskSpec]
     wanted: list[Key]  # keys the client holds futures for
     functions: dict[str, Payload] = {}  # token -> pickled function
+    # A large graph arrives in parts (dependencies first) so the scheduler
+    # never stalls on one huge message; parts with ``more`` set are held
+    # until the last part, which carries ``wanted``.
+    more: bool = False
 
 
 class ReleaseKeys(Msg, tag=11):

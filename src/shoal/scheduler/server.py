@@ -4,6 +4,7 @@ received batch, commands out grouped per destination."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -23,6 +24,8 @@ from .state import SchedulerState
 logger = logging.getLogger("shoal.scheduler")
 
 _FROM_WORKER = frozenset(m.WORKER_TO_SCHEDULER)
+# Tasks handled per slice of a client's backlog before yielding to the loop.
+SLICE_TASKS = 4096
 _FROM_CLIENT = frozenset(m.CLIENT_TO_SCHEDULER)
 
 
@@ -50,14 +53,16 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._closed: asyncio.Event | None = None
         self.connections_refused = 0
+        self._lag_max = 0.0
 
     async def start(self) -> "Scheduler":
         self._closed = asyncio.Event()
         kw = {"max_packet": self.max_packet} if self.max_packet else {}
         self._listener = await listen(f"tcp://{self.host}:{self.port}", self._on_connect, m.ToScheduler, **kw)
         self.address = self._listener.address
-        t = asyncio.get_running_loop().create_task(self._ticker())
-        self._tasks.add(t)
+        for coro in (self._ticker(), self._watch_loop()):
+            t = asyncio.get_running_loop().create_task(coro)
+            self._tasks.add(t)
         logger.info("scheduler at %s", self.address)
         return self
 
@@ -88,6 +93,16 @@ class Scheduler:
         while True:
             await asyncio.sleep(self.tick_interval)
             self._handle([Ticked(time.monotonic())])
+
+    async def _watch_loop(self) -> None:
+        """Measure event-loop stalls: how late a 10 ms sleep wakes up."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            lag = loop.time() - t - 0.01
+            if lag > self._lag_max:
+                self._lag_max = lag
 
     # -- connections ------------------------------------------------------------
 
@@ -142,15 +157,37 @@ class Scheduler:
         for msg in msgs:
             if type(msg) not in _FROM_CLIENT:
                 raise ProtocolError(f"a client may not send {type(msg).__name__}")
-        if any(type(msg) is m.RequestInfo for msg in msgs):
-            # Answered by the reactor: counters of connections and the process.
-            for msg in msgs:
-                if type(msg) is m.RequestInfo:
-                    comm.send(m.Info(msg.request_id, self.info()))
-            msgs = [msg for msg in msgs if type(msg) is not m.RequestInfo]
-            if not msgs:
-                return
-        self._handle([ClientSent(comm.info["cid"], msgs)])
+        backlog = comm.info.get("backlog")
+        if backlog is None:
+            backlog = comm.info["backlog"] = collections.deque()
+        backlog.extend(msgs)
+        if not comm.info.get("draining"):
+            self._drain_client(comm)
+
+    def _drain_client(self, comm: Comm) -> None:
+        """Handle a client's messages in slices of about SLICE_TASKS tasks,
+        returning to the event loop between slices: a huge graph never stalls
+        heartbeats, workers or other clients for long."""
+        backlog = comm.info["backlog"]
+        budget = SLICE_TASKS
+        batch: list = []
+        while backlog and budget > 0:
+            msg = backlog.popleft()
+            if type(msg) is m.RequestInfo:
+                comm.send(m.Info(msg.request_id, self.info()))
+                continue
+            batch.append(msg)
+            if type(msg) is m.SubmitGraph:
+                budget -= len(msg.tasks)
+        if batch and comm.info["cid"] in self._client_comms:
+            self._handle([ClientSent(comm.info["cid"], batch)])
+        if backlog and not comm.closed:
+            comm.info["draining"] = True
+            comm.pause_reading()
+            asyncio.get_running_loop().call_soon(self._drain_client, comm)
+        else:
+            comm.info["draining"] = False
+            comm.resume_reading()
 
     def info(self) -> dict:
         """State counts and wire/process counters, for clients and benchmarks."""
@@ -171,8 +208,10 @@ class Scheduler:
                 "n_tasks": len(self.state.tasks),
                 "worker_addresses": {ws.name: ws.address for ws in self.state.workers.values()},
                 "connections_refused": self.connections_refused,
+                "loop_lag_max": self._lag_max,
             }
         )
+        self._lag_max = 0.0  # the longest stall since the previous info() call
         return snap
 
     def _on_worker_closed(self, comm: Comm, exc) -> None:

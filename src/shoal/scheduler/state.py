@@ -41,6 +41,8 @@ ERRED = TaskState.ERRED
 # Recommendation targets beyond the states themselves.
 READY = "ready"
 FORGOTTEN = "forgotten"
+# Suffix of the stand-in client that holds the parts of a graph in transit.
+PART_HOLDER = "\x00graph-parts"
 
 
 class InvariantError(AssertionError):
@@ -70,6 +72,8 @@ class SchedulerState:
         self.clients: dict[str, ClientRecord] = {}
         self.queued: list = []  # heap of (priority, id, task)
         self.unrunnable: set[SchedulerTask] = set()
+        # Graphs arriving in parts: client -> generation of the graph.
+        self._partial: dict[str, int] = {}
         self.idle: set[WorkerRecord] = set()  # workers below their queue limit
         # Shared functions: token -> payload, and how many tasks name each.
         self.functions: dict[str, Any] = {}
@@ -216,9 +220,10 @@ class SchedulerState:
         self.clients[ev.cid] = ClientRecord(ev.cid, ev.name)
 
     def _on_client_left(self, ev: ClientLeft) -> None:
-        cr = self.clients.pop(ev.cid, None)
-        if cr is None:
+        if ev.cid not in self.clients:
             return
+        self._drop_partial(ev.cid)
+        cr = self.clients.pop(ev.cid)
         recs: dict = {}
         for ts in cr.wants:
             ts.wanted_by.discard(ev.cid)
@@ -238,8 +243,10 @@ class SchedulerState:
     # -- client messages ---------------------------------------------------------
 
     def _on_submit_graph(self, cid: str, msg: m.SubmitGraph) -> None:
-        self._generation += 1
-        gen = self._generation
+        gen = self._partial.get(cid)
+        if gen is None:
+            self._generation += 1
+            gen = self._generation
         tasks = self.tasks
         new: dict = {}
         specs: dict = {}
@@ -278,11 +285,13 @@ class SchedulerState:
             if unknown:
                 reason = (reason + "; " if reason else "") + f"unknown wanted keys {unknown[:5]!r}"
             self._cmds.client(cid, m.GraphRejected(keys, reason))
+            self._drop_partial(cid)
             return
         cycle = _find_cycle(new, dep_keys)
         if cycle:
             keys = list(dict.fromkeys(wanted + cycle))
             self._cmds.client(cid, m.GraphRejected(keys, f"the graph has a cycle through {cycle[:10]!r}"))
+            self._drop_partial(cid)
             return
         for tok, payload in msg.functions.items():
             self.functions.setdefault(tok, payload)
@@ -302,6 +311,10 @@ class SchedulerState:
             ts.dependencies = deps
             for dep in deps:
                 dep.dependents[ts] = None
+        if msg.more:
+            self._partial[cid] = gen
+            self._pin_part(cid, new)
+            return
         client = self.clients[cid]
         recs: dict = {}
         for key in wanted:
@@ -315,9 +328,43 @@ class SchedulerState:
             elif ts.state is RELEASED:
                 recs[ts] = WAITING
         self._transitions(recs)
+        self._drop_partial(cid)  # the whole graph is known: its parts' pins go
         for ts in new.values():
             if ts.state is RELEASED and not ts.dependents and not ts.wanted_by and tasks.get(ts.key) is ts:
                 self._transitions({ts: FORGOTTEN})
+
+    def _pin_part(self, cid: str, new: dict) -> None:
+        """A part of a larger graph: start it now, held by a stand-in client.
+
+        Graphs are culled to what is wanted, so every task of a part is
+        needed; starting each part as it arrives keeps every ``handle()``
+        small and lets roots run while the rest is still arriving.  Only the
+        part's sinks stay pinned: a task's later dependents hold it instead.
+        """
+        holder_id = cid + PART_HOLDER
+        holder = self.clients.get(holder_id)
+        if holder is None:
+            holder = self.clients[holder_id] = ClientRecord(holder_id, "graph parts")
+        recs: dict = {}
+        for ts in new.values():
+            ts.wanted_by.add(holder_id)
+            holder.wants.add(ts)
+            recs[ts] = WAITING
+        self._transitions(recs)
+        recs = {}
+        for ts in new.values():
+            for dep in ts.dependencies:
+                if holder_id in dep.wanted_by:
+                    dep.wanted_by.discard(holder_id)
+                    holder.wants.discard(dep)
+                    self._maybe_release(dep, recs)
+        self._transitions(recs)
+
+    def _drop_partial(self, cid: str) -> None:
+        """Unpin the parts of a graph (completed, rejected, or its client left)."""
+        if self._partial.pop(cid, None) is None:
+            return
+        self._on_client_left(ClientLeft(cid + PART_HOLDER))
 
     def _on_release_keys(self, cid: str, msg) -> None:
         client = self.clients[cid]
@@ -734,6 +781,7 @@ class SchedulerState:
             if not cond:
                 raise InvariantError(f"{what}: {ts!r}" if ts is not None else what)
 
+
         for key, ts in self.tasks.items():
             check(ts.key == key, "task stored under another key", ts)
             check(self.by_id.get(ts.id) is ts, "task missing from by_id", ts)
@@ -806,7 +854,7 @@ class SchedulerState:
                 ws.name: {"processing": len(ws.processing), "stored": len(ws.has_what), "nbytes": ws.nbytes}
                 for ws in self.workers.values()
             },
-            "clients": len(self.clients),
+            "clients": sum(1 for cid in self.clients if not cid.endswith(PART_HOLDER)),
             "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
         }
 
