@@ -149,6 +149,8 @@ class Client:
         self._request_ids = itertools.count()
         self._outq: list = []
         self._func_cache: dict[int, tuple] = {}
+        self._key_prefix = uuid.uuid4().hex[:16] + "-"
+        self._key_counter = itertools.count()
         self._io = LoopThread(name=f"shoal-{self.id}")
         self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="shoal-callback")
         self._connected = self._io.submit(self._connect())
@@ -358,6 +360,10 @@ class Client:
             return {k: self._unpack(v, deps) for k, v in obj.items()}
         return obj
 
+    def _unique(self) -> str:
+        """A key suffix no other client or call produces (cheaper than uuid4 per task)."""
+        return f"{self._key_prefix}{next(self._key_counter)}"
+
     def _function(self, func: Callable) -> tuple[str, Payload]:
         """``func`` pickled once, with a content token; cached by identity."""
         hit = self._func_cache.get(id(func))
@@ -386,7 +392,7 @@ class Client:
                 f"cannot serialize the arguments of task {key or _funcname(func)!r}: {type(e).__name__}: {e}"
             ) from e
         if key is None:
-            key = f"{_funcname(func)}-{_token(payload, ftoken) if pure else uuid.uuid4().hex}"
+            key = f"{_funcname(func)}-{_token(payload, ftoken) if pure else self._unique()}"
         spec = m.TaskSpec(
             key,
             list(deps),
@@ -535,7 +541,7 @@ class Client:
         for k, value in items:
             payload = _run_spec(DataNode(None, value))
             if k is None:
-                k = f"{type(value).__name__}-{_token(payload) if hash else uuid.uuid4().hex}"
+                k = f"{type(value).__name__}-{_token(payload) if hash else self._unique()}"
             specs.append(m.TaskSpec(k, [], payload, 0, 0, 0, None, False, None, True))
             futures.append(Future(k, self, submitted=True))
         self._send(m.SubmitGraph(specs, [s.key for s in specs]))

@@ -26,6 +26,8 @@ ERROR = "error"
 CANCELLED = "cancelled"
 LOST = "lost"
 _DONE = (FINISHED, ERROR, CANCELLED, LOST)
+# Guards the status/event handshake between the I/O thread and waiters.
+_EVENT_LOCK = threading.Lock()
 
 
 class FutureState:
@@ -42,7 +44,7 @@ class FutureState:
         self.type_name = ""
         self.exception: BaseException | None = None
         self.traceback = ""
-        self._event = threading.Event()
+        self._event: threading.Event | None = None  # made on first wait: most futures never block
         # Callables run (in the I/O thread) when the state becomes done.
         self._watchers: list[Callable[["FutureState"], None]] = []
 
@@ -50,8 +52,11 @@ class FutureState:
         return self.status in _DONE
 
     def _finish(self, status: str) -> None:
-        self.status = status
-        self._event.set()
+        with _EVENT_LOCK:
+            self.status = status
+            ev = self._event
+        if ev is not None:
+            ev.set()
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             try:
@@ -84,9 +89,11 @@ class FutureState:
 
     def reset(self) -> None:
         """Back to pending (data was lost and is being recomputed)."""
-        self.status = PENDING
-        self.workers = []
-        self._event.clear()
+        with _EVENT_LOCK:
+            self.status = PENDING
+            self.workers = []
+            if self._event is not None:
+                self._event.clear()
 
     def watch(self, fn: Callable[["FutureState"], None]) -> None:
         """Call ``fn(state)`` once done (now, if already done).  I/O thread only."""
@@ -96,7 +103,15 @@ class FutureState:
             self._watchers.append(fn)
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        if self.status in _DONE:
+            return True
+        with _EVENT_LOCK:
+            if self.status in _DONE:
+                return True
+            ev = self._event
+            if ev is None:
+                ev = self._event = threading.Event()
+        return ev.wait(timeout)
 
 
 def _with_remote_traceback(exc: BaseException, tb: str) -> BaseException:
