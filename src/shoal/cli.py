@@ -14,7 +14,7 @@ import click
 import psutil
 
 from .comm import install_uvloop
-from .utils import format_bytes, parse_bytes, parse_resources
+from .utils import parse_bytes, parse_resources
 
 
 def _tune_gc() -> None:

@@ -15,7 +15,6 @@ be searched (large lists, user objects) can be wrapped in :class:`Literal`.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Hashable, Iterable, Mapping
 
 from .errors import CycleError, MissingDependencyError
@@ -35,6 +34,7 @@ __all__ = [
     "validate_graph",
     "order",
     "cull",
+    "find_cycle",
 ]
 
 
@@ -246,38 +246,45 @@ def validate_graph(graph: Mapping[Key, Node], known: Iterable[Key] = ()) -> None
             missing[k] = bad
     if missing:
         raise MissingDependencyError(missing)
-    _topological(graph)  # raises CycleError
+    cycle = find_cycle(dependencies(graph))
+    if cycle:
+        raise CycleError(cycle)
 
 
-def _topological(graph: Mapping[Key, Node]) -> list:
-    """Kahn's algorithm; on a cycle, raise with the keys that never freed."""
-    waiting = {k: sum(1 for d in n.dependencies if d in graph) for k, n in graph.items()}
-    deps_of = dependents(graph)
-    ready = [k for k, c in waiting.items() if c == 0]
-    out = []
+def find_cycle(deps: Mapping[Key, Iterable[Key]]) -> list:
+    """Keys on one cycle of ``{key: dependency keys}``, or ``[]`` if it has none.
+
+    Dependencies outside ``deps`` are ignored (known data cannot depend on new
+    tasks).  Kahn's algorithm, then a walk inside what never freed.
+    """
+    waiting: dict = {}
+    dependents: dict = {}
+    for key, ds in deps.items():
+        n = 0
+        for d in ds:
+            if d in deps:
+                n += 1
+                dependents.setdefault(d, []).append(key)
+        waiting[key] = n
+    ready = [k for k, n in waiting.items() if n == 0]
+    done = 0
     while ready:
         k = ready.pop()
-        out.append(k)
-        for dep in deps_of[k]:
-            waiting[dep] -= 1
-            if waiting[dep] == 0:
-                ready.append(dep)
-    if len(out) != len(graph):
-        stuck = [k for k, c in waiting.items() if c > 0]
-        raise CycleError(_cycle_members(graph, set(stuck)))
-    return out
-
-
-def _cycle_members(graph: Mapping[Key, Node], stuck: set) -> list:
-    """Walk dependencies inside ``stuck`` until a key repeats: that loop is a cycle."""
-    start = next(iter(stuck))
-    path: list = []
+        done += 1
+        for d in dependents.get(k, ()):
+            waiting[d] -= 1
+            if waiting[d] == 0:
+                ready.append(d)
+    if done == len(deps):
+        return []
+    stuck = {k for k, n in waiting.items() if n > 0}
+    k = next(iter(stuck))
     seen: dict = {}
-    k = start
+    path: list = []
     while k not in seen:
         seen[k] = len(path)
         path.append(k)
-        k = next(d for d in graph[k].dependencies if d in stuck)
+        k = next(d for d in deps[k] if d in stuck)
     return path[seen[k]:]
 
 
@@ -311,7 +318,7 @@ def order(graph: Mapping[Key, Node]) -> dict[Key, int]:
             newly.sort(key=lambda d: index[d], reverse=True)
             stack.extend(newly)
     if len(prio) != len(graph):
-        _topological(graph)  # raises CycleError with the members
+        raise CycleError(find_cycle(dependencies(graph)))
     return prio
 
 

@@ -337,7 +337,7 @@ def run_memory(sizes: list[int], systems: list[str], caps: dict, *, n_workers: i
                 r.status, r.reason = "error", f"{type(e).__name__}: {e}"
                 log(traceback.format_exc())
             finally:
-                graph = None
+                graph = None  # noqa: F841  (drop the graph before the next size)
                 system.close()
             out.append(r)
     return out, notes

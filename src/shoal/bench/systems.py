@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from ..cluster.local import _die_with_parent, stop_processes
 from .functions import apply_lists, warm as warm_task
 
 
@@ -146,15 +146,6 @@ class ShoalSystem:
 # -- dask.distributed --------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _spawn(args: list[str], log) -> subprocess.Popen:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -167,22 +158,6 @@ def _spawn(args: list[str], log) -> subprocess.Popen:
         env=env,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
-
-
-def _stop(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                p.terminate()
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 # These run inside dask's scheduler and workers (via run_on_scheduler / run),
@@ -296,7 +271,7 @@ class DaskSystem:
                 client.close(timeout=10)
             except Exception:
                 pass
-        _stop(self._procs)
+        stop_processes(self._procs)
         try:
             self._log.close()
         except Exception:

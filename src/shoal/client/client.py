@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import itertools
 import logging
-import pickle
 import threading
 import time
 import uuid
@@ -22,7 +20,6 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-import cloudpickle
 
 from ..comm import Comm, connect
 from ..errors import (
@@ -33,10 +30,11 @@ from ..errors import (
     SerializationError,
 )
 from ..protocol import messages as m
-from ..protocol.serialize import Payload, deserialize, pack_frames
+from ..protocol.serialize import Payload, deserialize
 from ..spec import DataNode, Task, TaskRef
-from .futures import CANCELLED, ERROR, FINISHED, LOST, Future, FutureState, _with_remote_traceback
+from .futures import CANCELLED, FINISHED, LOST, Future, FutureState, _with_remote_traceback
 from .loop import LoopThread
+from .tasks import collect_futures, dumps_args, funcname, rebuild, run_spec, token as content_token, worker_names
 
 logger = logging.getLogger("shoal.client")
 
@@ -55,47 +53,6 @@ def default_client() -> "Client":
     if not live:
         raise ValueError("no running shoal.Client")
     return max(live, key=lambda c: c._created)
-
-
-def _run_spec(node) -> Payload:
-    """Pickle a task spec: cloudpickle, so functions defined in ``__main__``
-    or interactively travel by value."""
-    buffers: list = []
-    head = cloudpickle.dumps(node, protocol=5, buffer_callback=buffers.append)
-    return pack_frames(head, buffers)
-
-
-def _dumps(obj: Any) -> Payload:
-    """Pickle arguments: plain pickle when it can, cloudpickle when the
-    object refers to ``__main__`` (which a worker cannot import) or pickle fails."""
-    buffers: list = []
-    try:
-        if _by_value_modules():
-            raise pickle.PicklingError("modules registered for pickling by value")
-        head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-        if b"__main__" in head:
-            raise pickle.PicklingError("refers to __main__")
-    except Exception:
-        buffers = []
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    return pack_frames(head, buffers)
-
-
-def _by_value_modules() -> bool:
-    """Whether ``cloudpickle.register_pickle_by_value`` is in use (plain pickle ignores it)."""
-    return bool(getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None))
-
-
-def _token(payload: Payload, salt: str = "") -> str:
-    h = hashlib.blake2b(salt.encode(), digest_size=16)
-    for f in payload.frames:
-        h.update(f)
-    return h.hexdigest()
-
-
-def _funcname(func: Callable) -> str:
-    name = getattr(func, "__name__", None) or type(func).__name__
-    return "lambda" if name == "<lambda>" else name
 
 
 class Client:
@@ -370,10 +327,10 @@ class Client:
         if hit is not None and hit[0] is func:
             return hit[1], hit[2]
         try:
-            payload = _run_spec(func)
+            payload = run_spec(func)
         except Exception as e:
-            raise SerializationError(f"cannot serialize function {_funcname(func)!r}: {type(e).__name__}: {e}") from e
-        token = _token(payload)
+            raise SerializationError(f"cannot serialize function {funcname(func)!r}: {type(e).__name__}: {e}") from e
+        token = content_token(payload)
         if len(self._func_cache) >= 256:
             self._func_cache.pop(next(iter(self._func_cache)))
         self._func_cache[id(func)] = (func, token, payload)
@@ -386,13 +343,13 @@ class Client:
         ftoken, fpayload = self._function(func)
         functions[ftoken] = fpayload
         try:
-            payload = _dumps((args, kwargs))
+            payload = dumps_args((args, kwargs))
         except Exception as e:
             raise SerializationError(
-                f"cannot serialize the arguments of task {key or _funcname(func)!r}: {type(e).__name__}: {e}"
+                f"cannot serialize the arguments of task {key or funcname(func)!r}: {type(e).__name__}: {e}"
             ) from e
         if key is None:
-            key = f"{_funcname(func)}-{_token(payload, ftoken) if pure else self._unique()}"
+            key = f"{funcname(func)}-{content_token(payload, ftoken) if pure else self._unique()}"
         spec = m.TaskSpec(
             key,
             list(deps),
@@ -400,7 +357,7 @@ class Client:
             0,
             opts.get("priority", 0),
             opts.get("retries") or 0,
-            _names(opts.get("workers")),
+            worker_names(opts.get("workers")),
             bool(opts.get("allow_other_workers", False)),
             opts.get("resources"),
             False,
@@ -491,9 +448,9 @@ class Client:
                     # The function travels once per graph, the arguments alone per task.
                     ftoken, fpayload = self._function(node.func)
                     functions[ftoken] = fpayload
-                    payload = _dumps((node.args, node.kwargs))
+                    payload = dumps_args((node.args, node.kwargs))
                 else:
-                    payload = _run_spec(node)
+                    payload = run_spec(node)
             except SerializationError:
                 raise
             except Exception as e:
@@ -507,7 +464,7 @@ class Client:
                     prio.get(k, 0),
                     ann.get("priority", 0),
                     ann.get("retries") or 0,
-                    _names(ann.get("workers")),
+                    worker_names(ann.get("workers")),
                     bool(ann.get("allow_other_workers", False)),
                     ann.get("resources"),
                     False,
@@ -539,9 +496,9 @@ class Client:
             items = [(None, data)]
         specs, futures = [], []
         for k, value in items:
-            payload = _run_spec(DataNode(None, value))
+            payload = run_spec(DataNode(None, value))
             if k is None:
-                k = f"{type(value).__name__}-{_token(payload) if hash else self._unique()}"
+                k = f"{type(value).__name__}-{content_token(payload) if hash else self._unique()}"
             specs.append(m.TaskSpec(k, [], payload, 0, 0, 0, None, False, None, True))
             futures.append(Future(k, self, submitted=True))
         self._send(m.SubmitGraph(specs, [s.key for s in specs]))
@@ -572,16 +529,16 @@ class Client:
         if self.asynchronous:
             return self._gather_async(futures, errors)
         flat: list[Future] = []
-        _collect(futures, flat)
+        collect_futures(futures, flat)
         values = self._results(flat, errors, None)
-        return _rebuild(futures, values)
+        return rebuild(futures, values)
 
     async def _gather_async(self, futures, errors: str = "raise"):
         flat: list[Future] = []
-        _collect(futures, flat)
+        collect_futures(futures, flat)
         loop = asyncio.get_running_loop()
         values = await loop.run_in_executor(None, self._results, flat, errors, None)
-        return _rebuild(futures, values)
+        return rebuild(futures, values)
 
     def _result(self, fut: Future, deadline: float | None) -> Any:
         return self._results([fut], "raise", deadline)[fut.key]
@@ -823,37 +780,6 @@ class _Release:
 
     def __init__(self, key: Any):
         self.key = key
-
-
-def _names(workers) -> list[str] | None:
-    if workers is None:
-        return None
-    if isinstance(workers, str):
-        return [workers]
-    return [str(w) for w in workers]
-
-
-def _collect(obj: Any, out: list) -> None:
-    if isinstance(obj, Future):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for x in obj:
-            _collect(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _collect(x, out)
-
-
-def _rebuild(obj: Any, values: dict) -> Any:
-    if isinstance(obj, Future):
-        return values.get(obj.key)
-    t = type(obj)
-    if t in (list, tuple, set, frozenset):
-        items = [_rebuild(x, values) for x in obj if not (isinstance(x, Future) and x.key not in values)]
-        return items if t is list else t(items)
-    if t is dict:
-        return {k: _rebuild(v, values) for k, v in obj.items()}
-    return obj
 
 
 async def _noop() -> None:

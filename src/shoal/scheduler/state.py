@@ -25,10 +25,12 @@ from typing import Any, Callable, Iterable
 from ..errors import FutureLostError, KilledWorkerError
 from ..protocol import messages as m
 from ..protocol.serialize import serialize
+from ..spec import find_cycle
 from .commands import Commands
 from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
 from .placement import LocalityPolicy, PlacementPolicy
 from .records import ClientRecord, SchedulerTask, TaskState, WorkerRecord
+from .validate import InvariantError, validate_state  # noqa: F401  (re-exported)
 
 RELEASED = TaskState.RELEASED
 WAITING = TaskState.WAITING
@@ -43,10 +45,6 @@ READY = "ready"
 FORGOTTEN = "forgotten"
 # Suffix of the stand-in client that holds the parts of a graph in transit.
 PART_HOLDER = "\x00graph-parts"
-
-
-class InvariantError(AssertionError):
-    """``validate()`` found the state inconsistent."""
 
 
 class SchedulerState:
@@ -287,7 +285,7 @@ class SchedulerState:
             self._cmds.client(cid, m.GraphRejected(keys, reason))
             self._drop_partial(cid)
             return
-        cycle = _find_cycle(new, dep_keys)
+        cycle = find_cycle({k: dep_keys[k] for k in new})
         if cycle:
             keys = list(dict.fromkeys(wanted + cycle))
             self._cmds.client(cid, m.GraphRejected(keys, f"the graph has a cycle through {cycle[:10]!r}"))
@@ -776,72 +774,7 @@ class SchedulerState:
 
     def validate(self) -> None:
         """Check every invariant; raise :class:`InvariantError` naming the first broken one."""
-
-        def check(cond: bool, what: str, ts=None) -> None:
-            if not cond:
-                raise InvariantError(f"{what}: {ts!r}" if ts is not None else what)
-
-
-        for key, ts in self.tasks.items():
-            check(ts.key == key, "task stored under another key", ts)
-            check(self.by_id.get(ts.id) is ts, "task missing from by_id", ts)
-            for dep in ts.dependencies:
-                check(dep.key in self.tasks, "dependency forgotten before its dependent", ts)
-                check(ts in dep.dependents, "dependency does not list its dependent", ts)
-            for dts in ts.dependents:
-                check(ts in dts.dependencies, "dependent does not list its dependency", ts)
-            for w in ts.waiters:
-                check(w.state in (WAITING, QUEUED, NO_WORKER, PROCESSING), "waiter not waiting", w)
-            waiting_like = ts.state in (WAITING, QUEUED, NO_WORKER, PROCESSING)
-            for dep in ts.dependencies:
-                check((ts in dep.waiters) == waiting_like, "waiters out of sync with state", ts)
-            if ts.state is MEMORY:
-                check(bool(ts.who_has), "in memory but no holder", ts)
-                for ws in ts.who_has:
-                    check(ws.wid in self.workers and ts in ws.has_what, "holder does not know", ts)
-            else:
-                check(not ts.who_has, "holders recorded outside memory", ts)
-            if ts.state is PROCESSING:
-                ws = ts.processing_on
-                check(ws is not None and ws.wid in self.workers and ts in ws.processing, "processing on unknown worker", ts)
-                for dep in ts.dependencies:
-                    check(dep.state is MEMORY, "processing before its inputs exist", ts)
-            else:
-                check(ts.processing_on is None, "processing_on set outside processing", ts)
-            if ts.state is WAITING:
-                n = sum(1 for d in ts.dependencies if d.state is not MEMORY)
-                check(ts.waiting_on == n and n > 0, f"waiting_on={ts.waiting_on}, actual {n}", ts)
-            if ts.state is NO_WORKER:
-                check(ts in self.unrunnable, "no-worker task not tracked", ts)
-            for cid in ts.wanted_by:
-                check(cid in self.clients and ts in self.clients[cid].wants, "wanted by unknown client", ts)
-            if ts.state is RELEASED:
-                check(bool(ts.dependents or ts.wanted_by), "released task neither needed nor forgotten", ts)
-            if ts.state in (MEMORY,):
-                check(bool(ts.waiters or ts.wanted_by), "data kept that nobody needs", ts)
-        queued = {t for _, _, t in self.queued if t.state is QUEUED}
-        for ts in self.tasks.values():
-            if ts.state is QUEUED:
-                check(ts in queued, "queued task not in the queue", ts)
-        check(len(self.by_id) == len(self.tasks), "by_id and tasks differ in size")
-        counts: dict = {}
-        for ts in self.tasks.values():
-            if ts.func:
-                counts[ts.func] = counts.get(ts.func, 0) + 1
-        check(counts == self.function_refs, "function reference counts out of sync")
-        check(set(self.functions) == set(counts), "functions kept that no task names")
-        for ws in self.workers.values():
-            for ts in ws.processing:
-                check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)
-            for ts in ws.has_what:
-                check(ts.state is MEMORY and ws in ts.who_has, "worker holds a task not in memory there", ts)
-            room = len(ws.processing) < ws.nthreads + self.queue_ahead
-            check((ws in self.idle) == room, f"idle set out of sync for worker {ws.wid}")
-        for cid, cr in self.clients.items():
-            for ts in cr.wants:
-                check(cid in ts.wanted_by, "client wants a task that does not know it", ts)
-        if self.queued and self.idle:
-            check(all(t.state is not QUEUED for _, _, t in self.queued), "queued tasks while workers idle")
+        validate_state(self)
 
     def snapshot(self) -> dict:
         """Counts by state, per worker: for the dashboard and for tests."""
@@ -865,39 +798,3 @@ def _by_id(ts: SchedulerTask) -> int:
 
 def _by_priority(ts: SchedulerTask) -> tuple:
     return ts.priority
-
-
-def _find_cycle(new: dict, dep_keys: dict) -> list:
-    """Keys on a cycle among newly submitted tasks, or [] (Kahn's algorithm).
-
-    Known tasks cannot depend on new ones, so only new tasks can form cycles.
-    """
-    waiting = {}
-    dependents: dict = {}
-    for key in new:
-        n = 0
-        for d in dep_keys[key]:
-            if d in new:
-                n += 1
-                dependents.setdefault(d, []).append(key)
-        waiting[key] = n
-    ready = [k for k, n in waiting.items() if n == 0]
-    done = 0
-    while ready:
-        k = ready.pop()
-        done += 1
-        for d in dependents.get(k, ()):
-            waiting[d] -= 1
-            if waiting[d] == 0:
-                ready.append(d)
-    if done == len(new):
-        return []
-    stuck = {k for k, n in waiting.items() if n > 0}
-    k = next(iter(stuck))
-    seen: dict = {}
-    path: list = []
-    while k not in seen:
-        seen[k] = len(path)
-        path.append(k)
-        k = next(d for d in dep_keys[k] if d in stuck)
-    return path[seen[k]:]

@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 import uuid
 from typing import Any
 

@@ -1,0 +1,93 @@
+"""Invariants of the scheduler state, checked by ``SchedulerState.validate()``.
+
+Kept apart from the transitions: a reader of either sees one concern.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .records import TaskState
+
+if TYPE_CHECKING:
+    from .state import SchedulerState
+
+RELEASED = TaskState.RELEASED
+WAITING = TaskState.WAITING
+QUEUED = TaskState.QUEUED
+NO_WORKER = TaskState.NO_WORKER
+PROCESSING = TaskState.PROCESSING
+MEMORY = TaskState.MEMORY
+
+
+class InvariantError(AssertionError):
+    """``validate()`` found the state inconsistent."""
+
+
+def validate_state(state: "SchedulerState") -> None:
+    """Check every invariant; raise :class:`InvariantError` naming the first broken one."""
+
+    def check(cond: bool, what: str, ts=None) -> None:
+        if not cond:
+            raise InvariantError(f"{what}: {ts!r}" if ts is not None else what)
+
+    for key, ts in state.tasks.items():
+        check(ts.key == key, "task stored under another key", ts)
+        check(state.by_id.get(ts.id) is ts, "task missing from by_id", ts)
+        for dep in ts.dependencies:
+            check(dep.key in state.tasks, "dependency forgotten before its dependent", ts)
+            check(ts in dep.dependents, "dependency does not list its dependent", ts)
+        for dts in ts.dependents:
+            check(ts in dts.dependencies, "dependent does not list its dependency", ts)
+        for w in ts.waiters:
+            check(w.state in (WAITING, QUEUED, NO_WORKER, PROCESSING), "waiter not waiting", w)
+        waiting_like = ts.state in (WAITING, QUEUED, NO_WORKER, PROCESSING)
+        for dep in ts.dependencies:
+            check((ts in dep.waiters) == waiting_like, "waiters out of sync with state", ts)
+        if ts.state is MEMORY:
+            check(bool(ts.who_has), "in memory but no holder", ts)
+            for ws in ts.who_has:
+                check(ws.wid in state.workers and ts in ws.has_what, "holder does not know", ts)
+        else:
+            check(not ts.who_has, "holders recorded outside memory", ts)
+        if ts.state is PROCESSING:
+            ws = ts.processing_on
+            check(ws is not None and ws.wid in state.workers and ts in ws.processing, "processing on unknown worker", ts)
+            for dep in ts.dependencies:
+                check(dep.state is MEMORY, "processing before its inputs exist", ts)
+        else:
+            check(ts.processing_on is None, "processing_on set outside processing", ts)
+        if ts.state is WAITING:
+            n = sum(1 for d in ts.dependencies if d.state is not MEMORY)
+            check(ts.waiting_on == n and n > 0, f"waiting_on={ts.waiting_on}, actual {n}", ts)
+        if ts.state is NO_WORKER:
+            check(ts in state.unrunnable, "no-worker task not tracked", ts)
+        for cid in ts.wanted_by:
+            check(cid in state.clients and ts in state.clients[cid].wants, "wanted by unknown client", ts)
+        if ts.state is RELEASED:
+            check(bool(ts.dependents or ts.wanted_by), "released task neither needed nor forgotten", ts)
+        if ts.state in (MEMORY,):
+            check(bool(ts.waiters or ts.wanted_by), "data kept that nobody needs", ts)
+    queued = {t for _, _, t in state.queued if t.state is QUEUED}
+    for ts in state.tasks.values():
+        if ts.state is QUEUED:
+            check(ts in queued, "queued task not in the queue", ts)
+    check(len(state.by_id) == len(state.tasks), "by_id and tasks differ in size")
+    counts: dict = {}
+    for ts in state.tasks.values():
+        if ts.func:
+            counts[ts.func] = counts.get(ts.func, 0) + 1
+    check(counts == state.function_refs, "function reference counts out of sync")
+    check(set(state.functions) == set(counts), "functions kept that no task names")
+    for ws in state.workers.values():
+        for ts in ws.processing:
+            check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)
+        for ts in ws.has_what:
+            check(ts.state is MEMORY and ws in ts.who_has, "worker holds a task not in memory there", ts)
+        room = len(ws.processing) < ws.nthreads + state.queue_ahead
+        check((ws in state.idle) == room, f"idle set out of sync for worker {ws.wid}")
+    for cid, cr in state.clients.items():
+        for ts in cr.wants:
+            check(cid in ts.wanted_by, "client wants a task that does not know it", ts)
+    if state.queued and state.idle:
+        check(all(t.state is not QUEUED for _, _, t in state.queued), "queued tasks while workers idle")
