@@ -152,7 +152,7 @@ def path(tmp_path):
 
 
 def worker_pids(cluster) -> dict:
-    return {name: p.pid for name, p in zip(cluster.worker_names, cluster._procs)}
+    return cluster.worker_pids()
 
 
 def sched(inproc, fn):

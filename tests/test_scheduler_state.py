@@ -1559,3 +1559,28 @@ def test_client_leaving_mid_graph_releases_its_parts():
     cmds = s.handle([ClientLeft("c")])
     assert ids_in(cmds, 1, m.CancelTasks)
     assert s.tasks == {} and s.clients == {}
+
+
+def test_worker_crash_blames_only_the_tasks_it_had_started():
+    s = setup(nworkers=1, nthreads=1, allowed_failures=0)
+    cmds = submit(s, {"a": [], "b": [], "c": []})
+    assert len(execs(cmds, 1)) == 3  # all three queued on the only worker
+    worker_send(s, 1, m.TasksStarted([tid(s, "a")]))
+    join_worker(s, 2)
+    cmds = s.handle([WorkerLeft(1, "connection lost")])
+    # "a" was running: with allowed_failures=0 one crash errs it.
+    assert s.tasks["a"].state is ERRED
+    (err,) = to_client(cmds, m.KeyErred)
+    assert isinstance(deserialize(err.exception), KilledWorkerError)
+    # "b" and "c" were only queued there: rescheduled, not blamed.
+    assert {x.key for x in execs(cmds, 2)} == {"b", "c"}
+    assert s.tasks["b"].crashes == 0 and s.tasks["c"].crashes == 0
+
+
+def test_worker_crash_without_a_start_report_blames_everything_it_held():
+    s = setup(nworkers=2, nthreads=1, allowed_failures=0)
+    submit(s, {"a": [], "b": []})
+    cmds = s.handle([WorkerLeft(1, "connection lost")])
+    erred = [x.key for x in to_client(cmds, m.KeyErred)]
+    assert erred  # whatever worker 1 held is suspect when it never said what ran
+    assert all(s.tasks[k].state is ERRED for k in erred)

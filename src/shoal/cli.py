@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import click
 import psutil
@@ -100,6 +99,8 @@ def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: floa
 @click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface for the worker's data server.")
 @click.option("--zero", is_flag=True, help="Report tasks finished without running them (measures runtime overhead).")
+@click.option("--nanny/--no-nanny", default=True, show_default=True,
+              help="Run each worker under a supervisor that restarts it after a crash.")
 @click.option("--log-level", default="info", show_default=True)
 def worker(
     scheduler_address: str,
@@ -110,6 +111,7 @@ def worker(
     resources: str,
     host: str,
     zero: bool,
+    nanny: bool,
     log_level: str,
 ) -> None:
     """Run workers connected to SCHEDULER_ADDRESS."""
@@ -119,79 +121,55 @@ def worker(
     else:
         limit = parse_bytes(memory_limit)
     res = parse_resources(resources)
-    if nworkers > 1:
-        sys.exit(_run_many(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero))
+    if nanny or nworkers > 1:
+        sys.exit(_supervise(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero))
     install_uvloop()
     _tune_gc()
     from .worker.server import Worker
+
+    started: list = []
 
     async def start():
         w = Worker(
             scheduler_address, nthreads=nthreads, name=name, memory_limit=limit, resources=res, host=host, zero=zero
         )
         await w.start()
+        started.append(w)
         return w
 
     async def stop(w):
         await w.close("stopped by signal" if not w.close_reason else w.close_reason)
+
+    from .worker.nanny import EXIT_CLOSED, EXIT_SCHEDULER_GONE, EXIT_START_FAILED
 
     try:
         asyncio.run(_serve_until_signalled(start, stop))
     except Exception as e:  # e.g. the scheduler is unreachable
         click.echo(f"shoal worker: {e}", err=True)
         logging.shutdown()
-        os._exit(1)
+        os._exit(EXIT_START_FAILED)
+    lost = bool(started) and started[0].close_reason.startswith("lost the scheduler")
     # A task still running in a thread must not keep a stopped worker alive.
     logging.shutdown()
-    os._exit(0)
+    os._exit(EXIT_SCHEDULER_GONE if lost else EXIT_CLOSED)
 
 
-def _run_many(address, n, nthreads, name, limit, resources, host, log_level, zero=False) -> int:
-    """Start ``n`` single-worker processes and wait for them; signals stop them all."""
-    import subprocess
-
-    from .cluster.local import spawn
+def _supervise(address, n, nthreads, name, limit, resources, host, log_level, zero=False) -> int:
+    """Run ``n`` worker processes under a supervisor that restarts crashed ones."""
+    from .worker.nanny import Supervisor
 
     base = name or f"{os.uname().nodename}-{os.getpid()}"
-    procs = []
+    arg_lists = []
     for i in range(n):
-        args = ["worker", address, "--nthreads", str(nthreads), "--name", f"{base}-{i}",
+        wname = base if (n == 1 and name) else f"{base}-{i}"
+        args = ["worker", address, "--no-nanny", "--nthreads", str(nthreads), "--name", wname,
                 "--memory-limit", str(limit), "--host", host, "--log-level", log_level]
         if resources:
             args += ["--resources", resources]
         if zero:
             args.append("--zero")
-        procs.append(spawn(args))
-
-    stopping: list[float] = []
-
-    def on_signal(signum, frame):
-        # Only signal here: waiting on children from a signal handler can
-        # deadlock with the main loop's own wait on the same child.
-        if not stopping:
-            stopping.append(time.monotonic())
-        for p in procs:
-            if p.returncode is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while any(p.poll() is None for p in procs):
-        for p in procs:
-            try:
-                p.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-        if stopping and time.monotonic() - stopping[0] > 5:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-    if stopping:
-        return 0
-    return max((p.returncode or 0 for p in procs), default=0)
+        arg_lists.append(args)
+    return Supervisor(arg_lists).run()
 
 
 @main.command()

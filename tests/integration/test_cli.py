@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 
+import psutil
 import pytest
 
 from shoal import Client
@@ -148,10 +149,33 @@ def test_single_worker_command_exits_on_sigterm(scheduler_proc, tmp_path):
     try:
         with Client(address, timeout=STARTUP) as client:
             client.wait_for_workers(1, timeout=STARTUP)
-            assert client.submit(pid_of, workers=["solo"], pure=False).result(timeout=SHORT) == worker.pid
+            # The command is the supervisor; the task runs in its one child.
+            ran_in = client.submit(pid_of, workers=["solo"], pure=False).result(timeout=SHORT)
+            assert ran_in in {c.pid for c in psutil.Process(worker.pid).children()}
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(SHORT) == 0, wlog.read_text()[-3000:]
             wait_for(lambda: not client.workers, SHORT, message="the scheduler to report the worker gone")
+    finally:
+        stop(worker)
+
+
+def test_crashed_worker_is_restarted_by_its_supervisor(scheduler_proc, tmp_path):
+    sched, address, _ = scheduler_proc
+    worker, wlog = start_workers(address, tmp_path, name="phoenix")
+    try:
+        with Client(address, timeout=STARTUP) as client:
+            client.wait_for_workers(1, timeout=STARTUP)
+            first = client.submit(pid_of, pure=False).result(timeout=SHORT)
+            os.kill(first, signal.SIGKILL)
+            wait_for(
+                lambda: any(c.pid != first for c in psutil.Process(worker.pid).children()),
+                STARTUP,
+                message="the supervisor to start a new worker process",
+            )
+            client.wait_for_workers(1, timeout=STARTUP)
+            again = client.submit(pid_of, workers=["phoenix"], pure=False).result(timeout=STARTUP)
+            assert again != first
+            assert worker.poll() is None  # the supervisor itself carried on
     finally:
         stop(worker)
 

@@ -167,17 +167,20 @@ def test_worker_killed_mid_computation_work_moves_to_the_survivor(private_cluste
         # Kill the worker holding the first finished result: it holds data and runs tasks.
         first = next(f for f in futs if f.done())
         victim = first.result(timeout=SHORT)[0]
-        worker_pids = [p.pid for p in private_cluster._procs]
+        worker_pids = list(private_cluster.worker_pids().values())
         assert victim in worker_pids
         survivor = next(p for p in worker_pids if p != victim)
         os.kill(victim, signal.SIGKILL)
 
         results = client.gather(futs)
         assert [r for _, r in results] == list(range(1, 61))
-        # Every result now lives on the survivor, including those first computed by the victim.
-        assert {pid for pid, _ in results} == {survivor}
-        wait_for(lambda: len(client.workers) == 1, SHORT, message="the scheduler to drop the dead worker")
-        assert client.submit(pid_of, pure=False).result(timeout=SHORT) == survivor
+        # No result lives on the dead process: its data was recomputed elsewhere.
+        assert victim not in {pid for pid, _ in results}
+        assert survivor in {pid for pid, _ in results}
+        # Its supervisor started a new process under the same name.
+        wait_for(lambda: len(client.workers) == 2, STARTUP, message="the supervisor to restart the worker")
+        new_pids = set(private_cluster.worker_pids().values())
+        assert survivor in new_pids and victim not in new_pids and len(new_pids) == 2
 
 
 def test_scheduler_death_makes_futures_lost_and_workers_exit(private_cluster, gates):
@@ -243,3 +246,20 @@ def test_worker_told_to_close_while_registering_stops_promptly():
     finally:
         io.stop()
     assert elapsed < 2, f"Worker.start() took {elapsed:.1f}s to give up on a scheduler that told it to close"
+
+
+def crash_worker(x):
+    os._exit(1)  # as a segfault or an out-of-memory kill would
+
+
+def test_task_that_kills_its_worker_fails_with_killed_worker_error_and_siblings_complete(private_cluster):
+    with Client(private_cluster, timeout=STARTUP) as client:
+        bad = client.submit(crash_worker, 1)
+        good = client.map(inc, range(200))
+        assert client.gather(good) == list(range(1, 201))
+        with pytest.raises(shoal.KilledWorkerError) as info:
+            bad.result(timeout=STARTUP)
+        assert "crash_worker" in str(info.value) and "4 times" in str(info.value)
+        # The supervisors restarted every crashed process: the cluster works.
+        client.wait_for_workers(2, timeout=STARTUP)
+        assert client.submit(inc, 41, pure=False).result(timeout=SHORT) == 42

@@ -69,7 +69,7 @@ def run_script(tmp_path, mode):
         proc.kill()
         proc.wait()
         raise
-    assert len(info["pids"]) == 3, f"expected a scheduler and 2 workers, got {info}"
+    assert len(info["pids"]) == 5, f"expected a scheduler, 2 supervisors and 2 workers, got {info}"
     assert not set(info["pids"]) & {os.getpid(), proc.pid}
     return proc, info["pids"], out, log
 
@@ -77,9 +77,10 @@ def run_script(tmp_path, mode):
 def test_local_cluster_close_leaves_no_children():
     before = my_children()
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, timeout=STARTUP)
-    started = my_children() - before
     try:
-        assert len(started) == 3  # scheduler + 2 workers
+        # scheduler + 2 supervisors + 2 workers (each supervisor starts its own)
+        wait_for(lambda: len(my_children() - before) == 5, STARTUP, message="5 cluster processes")
+        started = my_children() - before
         assert set(cluster.processes_alive) == started
         with Client(cluster, timeout=STARTUP) as client:
             assert client.submit(inc, 1).result(timeout=SHORT) == 2
@@ -98,7 +99,7 @@ def test_client_without_address_starts_its_own_cluster_and_stops_it():
     client = Client(n_workers=2, threads_per_worker=1, timeout=STARTUP)
     try:
         started = my_children() - before
-        assert len(started) == 3
+        assert len(started) == 5  # scheduler + 2 supervisors + 2 workers
         assert len(client.workers) == 2
         assert client.submit(sum, client.map(inc, range(10))).result(timeout=SHORT) == 55
     finally:

@@ -210,10 +210,39 @@ class LocalCluster:
 
     # -- stopping -------------------------------------------------------------------------
 
+    def worker_pids(self, timeout: float = 10.0) -> dict[str, int]:
+        """``{worker name: pid}`` of the processes that run tasks (each is
+        the child of its supervisor); waits for restarted ones to appear."""
+        out: dict[str, int] = {}
+        deadline = time.monotonic() + timeout
+        for name, nanny in zip(self.worker_names, self._procs):
+            while True:
+                try:
+                    kids = psutil.Process(nanny.pid).children()
+                except psutil.NoSuchProcess:
+                    kids = []
+                live = [k for k in kids if k.status() != psutil.STATUS_ZOMBIE]
+                if live or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            if live:
+                out[name] = live[0].pid
+        return out
+
     @property
     def processes_alive(self) -> list[int]:
+        """Pids of every live process this cluster started, supervised workers included."""
         procs = self._procs + ([self._scheduler_proc] if self._scheduler_proc else [])
-        return [p.pid for p in procs if p.poll() is None]
+        pids = []
+        for p in procs:
+            if p.poll() is None:
+                pids.append(p.pid)
+                try:
+                    pids += [c.pid for c in psutil.Process(p.pid).children(recursive=True)
+                             if c.status() != psutil.STATUS_ZOMBIE]
+                except psutil.NoSuchProcess:
+                    pass
+        return pids
 
     def close(self, timeout: float = 5.0) -> None:
         if self.status == "closed":

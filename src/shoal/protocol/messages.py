@@ -210,6 +210,12 @@ class WorkerHeartbeat(Msg, tag=34):
     stored: int
 
 
+class TasksStarted(Msg, tag=36):
+    """These tasks began running: if the worker dies now, they may be why."""
+
+    ids: list[int]
+
+
 class TasksRejected(Msg, tag=35):
     """Tasks the worker will not run (for example, released while queued)."""
 
@@ -300,6 +306,7 @@ ToScheduler = Union[
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksStarted,
 ]
 
 ToWorker = Union[
@@ -345,4 +352,5 @@ WORKER_TO_SCHEDULER = (
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksStarted,
 )

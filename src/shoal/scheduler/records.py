@@ -44,6 +44,7 @@ class SchedulerTask:
         "resources",
         "scattered",
         "func",
+        "started_on",
     )
 
     def __init__(self, id: int, key: Any, run_spec, priority: tuple):
@@ -74,6 +75,7 @@ class SchedulerTask:
         self.resources: dict | None = None
         self.scattered = False
         self.func = ""  # token of a shared function, if any
+        self.started_on: WorkerRecord | None = None  # the worker that said it began running it
 
     def __repr__(self) -> str:
         return f"<SchedulerTask {self.key!r} {self.state.value}>"

@@ -96,6 +96,7 @@ class SchedulerState:
             m.DataMissing: self._on_data_missing,
             m.WorkerHeartbeat: self._on_heartbeat,
             m.TasksRejected: self._on_tasks_rejected,
+            m.TasksStarted: self._on_tasks_started,
         }
         self._client_msg: dict[type, Callable] = {
             m.SubmitGraph: self._on_submit_graph,
@@ -183,12 +184,16 @@ class SchedulerState:
         for cid in self.clients:
             self._cmds.client(cid, m.WorkersChanged([], [ws.address]))
         recs: dict = {}
+        # Blame the crash on what was running there; only if the worker never
+        # said what it had started, on everything it held.
+        running = [ts for ts in ws.processing if ts.started_on is ws]
+        suspects = set(running) if running else set(ws.processing)
         for ts in sorted(ws.processing, key=_by_priority):
             ws.processing.discard(ts)
             ts.processing_on = None
             ts.state = RELEASED  # waiters of its dependencies stay: it still waits
             self._free_resources(ts, ws)
-            if not ev.expected:
+            if not ev.expected and ts in suspects:
                 ts.crashes += 1
             if ts.crashes > self.allowed_failures:
                 exc = KilledWorkerError(
@@ -440,6 +445,13 @@ class SchedulerState:
 
     def _on_heartbeat(self, ws: WorkerRecord, msg: m.WorkerHeartbeat) -> None:
         ws.memory = msg.memory
+
+    def _on_tasks_started(self, ws: WorkerRecord, msg: m.TasksStarted) -> None:
+        by_id = self.by_id
+        for tid in msg.ids:
+            ts = by_id.get(tid)
+            if ts is not None and ts.processing_on is ws:
+                ts.started_on = ws
 
     def _on_tasks_rejected(self, ws: WorkerRecord, msg: m.TasksRejected) -> None:
         recs: dict = {}

@@ -187,6 +187,11 @@ class Worker:
         store = self.store
         for tid in cmds.forget:
             store.pop(tid, None)
+        sched = self._scheduler
+        if cmds.to_scheduler and sched is not None and not sched.closed:
+            sched.send_many(cmds.to_scheduler)
+            if cmds.run:
+                sched.flush()  # TasksStarted reaches the kernel before any task can crash us
         if self.zero and cmds.run:
             self._zero_run(cmds.run)
             cmds.run = []
@@ -200,8 +205,6 @@ class Worker:
             self._executor.submit(ts.id, ts.key, ts.run_spec, data, func)
         for peer, address, ids in cmds.fetch:
             self._spawn(self._fetch(peer, address, ids))
-        if cmds.to_scheduler and self._scheduler is not None and not self._scheduler.closed:
-            self._scheduler.send_many(cmds.to_scheduler)
 
     def _function(self, token: str) -> "LazyFunction":
         """The shared function ``token``, unpickled once (in a task thread)."""

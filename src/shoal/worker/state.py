@@ -438,6 +438,7 @@ class WorkerState:
 
     def _start_ready(self) -> None:
         ready, executing = self.ready, self.executing
+        started = []
         while ready and len(executing) < self.nthreads:
             _, _, ts = heapq.heappop(ready)
             if ts.state is not READY:
@@ -445,6 +446,11 @@ class WorkerState:
             ts.state = EXECUTING
             executing.add(ts)
             self._cmds.run.append(ts)
+            started.append(ts.id)
+        if started:
+            # Before they run: if one of them kills this process, the
+            # scheduler blames only what was running, not what was queued.
+            self._cmds.to_scheduler.append(m.TasksStarted(started))
 
     def _fetch_later(self, ts: WorkerTask) -> None:
         self.to_fetch.add(ts)
