@@ -190,7 +190,7 @@ class Worker:
         sched = self._scheduler
         if cmds.to_scheduler and sched is not None and not sched.closed:
             sched.send_many(cmds.to_scheduler)
-            if cmds.run:
+            if cmds.run and type(cmds.to_scheduler[-1]) is m.TasksStarted:
                 sched.flush()  # TasksStarted reaches the kernel before any task can crash us
         if self.zero and cmds.run:
             self._zero_run(cmds.run)

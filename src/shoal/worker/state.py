@@ -447,9 +447,11 @@ class WorkerState:
             executing.add(ts)
             self._cmds.run.append(ts)
             started.append(ts.id)
-        if started:
+        if started and ready:
             # Before they run: if one of them kills this process, the
             # scheduler blames only what was running, not what was queued.
+            # With nothing else queued here it would blame just these anyway,
+            # so the message (and its packet) is skipped: chains stay cheap.
             self._cmds.to_scheduler.append(m.TasksStarted(started))
 
     def _fetch_later(self, ts: WorkerTask) -> None:
