@@ -63,7 +63,8 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
 @click.option("--port", default=8786, show_default=True, type=int, help="Port; 0 picks a free one.")
 @click.option("--scheduler-file", default=None, help="Write {'address': ...} as JSON here once listening.")
-@click.option("--worker-ttl", default=None, type=float, help="Drop workers silent for this many seconds.")
+@click.option("--worker-ttl", default=60.0, show_default=True, type=float,
+              help="Drop workers silent (no heartbeat) for this many seconds; 0 disables.")
 @click.option("--log-level", default="info", show_default=True)
 def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: float | None, log_level: str) -> None:
     """Run the scheduler."""
@@ -74,7 +75,7 @@ def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: floa
     _tune_gc()
 
     async def start():
-        s = Scheduler(host, port, worker_ttl=worker_ttl)
+        s = Scheduler(host, port, worker_ttl=worker_ttl or None)
         await s.start()
         if scheduler_file:
             tmp = scheduler_file + ".tmp"

@@ -263,3 +263,19 @@ def test_task_that_kills_its_worker_fails_with_killed_worker_error_and_siblings_
         # The supervisors restarted every crashed process: the cluster works.
         client.wait_for_workers(2, timeout=STARTUP)
         assert client.submit(inc, 41, pure=False).result(timeout=SHORT) == 42
+
+
+def test_silent_worker_is_dropped_after_the_heartbeat_timeout_and_work_moves_on():
+    from shoal import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, timeout=STARTUP, scheduler_options={"worker_ttl": 2}) as cl:
+        with Client(cl, timeout=STARTUP) as client:
+            pids = cl.worker_pids()
+            hung = pids["local-0"]
+            os.kill(hung, signal.SIGSTOP)  # a hung host: connection open, nothing said
+            try:
+                wait_for(lambda: len(client.workers) == 1, STARTUP, message="the silent worker to be dropped")
+                futs = client.map(inc, range(50), pure=False)
+                assert client.gather(futs) == list(range(1, 51))
+            finally:
+                os.kill(hung, signal.SIGCONT)
