@@ -64,6 +64,7 @@ SAMPLES = [
     m.WorkerHeartbeat(2**33, 3, 4),
     m.TasksRejected([5, 6]),
     m.TasksStarted([7, 8]),
+    m.WorkerClosing("stopped by signal"),
     m.WorkerWelcome(3, [m.PeerInfo(1, "tcp://a:1"), m.PeerInfo(2, "tcp://b:2")]),
     m.PeersChanged([m.PeerInfo(4, "tcp://c:3")], [1]),
     m.Execute(9, "key-9", P3, [1, -2, 3], [1, 2], ["d1", "d2"], [[1], [2, 3]], "tok"),

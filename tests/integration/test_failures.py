@@ -279,3 +279,22 @@ def test_silent_worker_is_dropped_after_the_heartbeat_timeout_and_work_moves_on(
                 assert client.gather(futs) == list(range(1, 51))
             finally:
                 os.kill(hung, signal.SIGCONT)
+
+
+def test_worker_stopped_on_purpose_does_not_count_as_a_crash(inproc_cluster, gates):
+    g, started = gates()
+    with Client(inproc_cluster, timeout=STARTUP) as client:
+        fut = client.submit(gate, g, started, workers=["local-0"], allow_other_workers=True)
+        wait_for(lambda: os.path.exists(started), STARTUP, message="the task to start")
+        state = inproc_cluster._scheduler.state
+        worker = next(w for w in inproc_cluster._workers if w.name == "local-0")
+        inproc_cluster._inproc.run(worker.close("stopped on purpose"), SHORT)
+        Path(g).touch()  # let the task (and its rerun) finish
+        fut.result(timeout=STARTUP)  # rerun on local-1
+        # Read on the cluster's loop: the state belongs to that thread.
+        crashes = inproc_cluster._inproc.run(_crashes(state, fut.key), SHORT)
+        assert crashes == 0
+
+
+async def _crashes(state, key):
+    return state.tasks[key].crashes

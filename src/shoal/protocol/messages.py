@@ -216,6 +216,12 @@ class TasksStarted(Msg, tag=36):
     ids: list[int]
 
 
+class WorkerClosing(Msg, tag=37):
+    """The worker is stopping on purpose: what it was running did not crash it."""
+
+    reason: str
+
+
 class TasksRejected(Msg, tag=35):
     """Tasks the worker will not run (for example, released while queued)."""
 
@@ -307,6 +313,7 @@ ToScheduler = Union[
     WorkerHeartbeat,
     TasksRejected,
     TasksStarted,
+    WorkerClosing,
 ]
 
 ToWorker = Union[
@@ -353,4 +360,5 @@ WORKER_TO_SCHEDULER = (
     WorkerHeartbeat,
     TasksRejected,
     TasksStarted,
+    WorkerClosing,
 )

@@ -151,6 +151,12 @@ class Scheduler:
         for msg in msgs:
             if type(msg) not in _FROM_WORKER:
                 raise ProtocolError(f"a worker may not send {type(msg).__name__}")
+        if any(type(msg) is m.WorkerClosing for msg in msgs):
+            # Read by _on_worker_closed: a clean stop is not a crash.
+            comm.info["closing"] = True
+            msgs = [msg for msg in msgs if type(msg) is not m.WorkerClosing]
+            if not msgs:
+                return
         self._handle([WorkerSent(comm.info["wid"], msgs, time.monotonic())])
 
     def _on_client_msgs(self, comm: Comm, msgs: list) -> None:

@@ -123,6 +123,10 @@ class Worker:
             return
         self.close_reason = reason
         self._closed.set()
+        sched = self._scheduler
+        if sched is not None and not sched.closed:
+            sched.send(m.WorkerClosing(reason))
+            sched.flush()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
