@@ -179,16 +179,7 @@ def _main(argv: list[str], prog: str) -> int:
         print()
         print(report.run_table(names, systems, results))
         notes = notes + report.run_notes(results)
-        if notes:
-            print()
-            print("notes:")
-            for n in notes:
-                print(f"  {n}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"command": f"{prog} {shlex.join(argv)}", "header": head, "versions": versions(),
-                           "results": [r.as_dict() for r in results], "notes": notes}, f, indent=1)
-        return 1 if any(r.status in ("error", "wrong") for r in results) else 0
+        return _finish(prog, argv, args, head, results, notes)
 
     # rss
     head = _header(prog, argv, args)
@@ -200,6 +191,11 @@ def _main(argv: list[str], prog: str) -> int:
     print()
     print(report.memory_table(results))
     notes = notes + [f"{r.system} merge-{r.size}: {r.status}: {r.reason}" for r in results if r.status != "ok"]
+    return _finish(prog, argv, args, head, results, notes)
+
+
+def _finish(prog, argv, args, head, results, notes) -> int:
+    """Print the notes, write the JSON if asked; exit status 1 on any error or wrong result."""
     if notes:
         print()
         print("notes:")

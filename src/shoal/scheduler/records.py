@@ -16,6 +16,16 @@ class TaskState(enum.Enum):
     ERRED = "erred"  # it, or a dependency, failed for good
 
 
+# Short names for the states, shared by the core and its invariants.
+RELEASED = TaskState.RELEASED
+WAITING = TaskState.WAITING
+QUEUED = TaskState.QUEUED
+NO_WORKER = TaskState.NO_WORKER
+PROCESSING = TaskState.PROCESSING
+MEMORY = TaskState.MEMORY
+ERRED = TaskState.ERRED
+
+
 class SchedulerTask:
     """The scheduler's view of one task (the worker's is ``WorkerTask``)."""
 

@@ -29,16 +29,19 @@ from ..spec import find_cycle
 from .commands import Commands
 from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
 from .placement import LocalityPolicy, PlacementPolicy
-from .records import ClientRecord, SchedulerTask, TaskState, WorkerRecord
+from .records import (
+    ERRED,
+    MEMORY,
+    NO_WORKER,
+    PROCESSING,
+    QUEUED,
+    RELEASED,
+    WAITING,
+    ClientRecord,
+    SchedulerTask,
+    WorkerRecord,
+)
 from .validate import InvariantError, validate_state  # noqa: F401  (re-exported)
-
-RELEASED = TaskState.RELEASED
-WAITING = TaskState.WAITING
-QUEUED = TaskState.QUEUED
-NO_WORKER = TaskState.NO_WORKER
-PROCESSING = TaskState.PROCESSING
-MEMORY = TaskState.MEMORY
-ERRED = TaskState.ERRED
 
 # Recommendation targets beyond the states themselves.
 READY = "ready"

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .records import TaskState
+from .records import MEMORY, NO_WORKER, PROCESSING, QUEUED, RELEASED, WAITING
 
 if TYPE_CHECKING:
     from .state import SchedulerState
-
-RELEASED = TaskState.RELEASED
-WAITING = TaskState.WAITING
-QUEUED = TaskState.QUEUED
-NO_WORKER = TaskState.NO_WORKER
-PROCESSING = TaskState.PROCESSING
-MEMORY = TaskState.MEMORY
 
 
 class InvariantError(AssertionError):
