@@ -22,18 +22,10 @@ from shoal.scheduler.events import (
     WorkerSent,
 )
 from shoal.scheduler.placement import LocalityPolicy, RandomPolicy
-from shoal.scheduler.records import TaskState
+from shoal.scheduler.records import ERRED, MEMORY, NO_WORKER, PROCESSING, QUEUED, RELEASED, WAITING
 from shoal.scheduler.state import SchedulerState
 
 RUN = serialize(None)  # run_spec: opaque to the scheduler
-
-RELEASED = TaskState.RELEASED
-WAITING = TaskState.WAITING
-QUEUED = TaskState.QUEUED
-NO_WORKER = TaskState.NO_WORKER
-PROCESSING = TaskState.PROCESSING
-MEMORY = TaskState.MEMORY
-ERRED = TaskState.ERRED
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from shoal import Client, LocalCluster
 
-from ._helpers import STARTUP, my_children, wait_gone
+from ._helpers import STARTUP, wait_gone
 
 if __package__ and __package__ in sys.modules:
     cloudpickle.register_pickle_by_value(sys.modules[__package__])
@@ -29,17 +29,22 @@ def _ship_test_module_by_value(request):
     yield
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    """Two worker processes with one thread each, shared by the tests that only read from it."""
-    before = my_children()
+def _process_cluster(what: str):
+    """A 2 x 1 process cluster; at teardown, every process it ran (supervised
+    workers included, restarted ones too) must be gone."""
     c = LocalCluster(n_workers=2, threads_per_worker=1, timeout=STARTUP)
-    pids = my_children() - before
     try:
         yield c
     finally:
+        pids = set(c.processes_alive)  # now: after any restarts during the test
         c.close()
-        wait_gone(pids, STARTUP, "the shared cluster's processes")
+        wait_gone(pids, STARTUP, f"the {what}'s processes")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two worker processes with one thread each, shared by the tests that only read from it."""
+    yield from _process_cluster("shared cluster")
 
 
 @pytest.fixture
@@ -51,14 +56,7 @@ def client(cluster):
 @pytest.fixture
 def private_cluster():
     """A process cluster of its own, for tests that break it (kill a worker, the scheduler...)."""
-    before = my_children()
-    c = LocalCluster(n_workers=2, threads_per_worker=1, timeout=STARTUP)
-    pids = my_children() - before
-    try:
-        yield c
-    finally:
-        c.close()
-        wait_gone(pids, STARTUP, "the private cluster's processes")
+    yield from _process_cluster("private cluster")
 
 
 @pytest.fixture
