@@ -32,6 +32,9 @@ RUN = serialize(None)  # run_spec: opaque to the scheduler
 
 
 def new_state(**kw) -> SchedulerState:
+    # Queue depth stays fixed at ``queue_ahead`` unless a test asks for the
+    # adaptive depth (``queue_seconds``), so placements are predictable.
+    kw.setdefault("queue_seconds", 0.0)
     return SchedulerState(validate=True, **kw)
 
 
@@ -426,6 +429,43 @@ def test_queue_ahead_lets_a_worker_hold_more_than_its_threads():
     assert sorted(placed(cmds)) == [f"r{i}" for i in range(5)]
     assert len(s.workers[1].processing) == 5
     assert s.workers[1] not in s.idle
+
+
+def test_queue_deepens_for_short_tasks_with_small_results():
+    s = setup(nworkers=1, nthreads=1, queue_ahead=2, queue_seconds=0.01, queue_max=50)
+    cmds = submit(s, {f"r{i}": [] for i in range(200)})
+    assert len(placed(cmds)) == 3  # threads + queue_ahead until something was measured
+    # 100 us per task: 10 ms of work is 100 tasks, capped at queue_max.
+    cmds = worker_send(s, 1, m.TaskFinished(tid(s, "r0"), 10, "int", 1e-4))
+    assert len(s.workers[1].processing) == 1 + 50
+    assert s.workers[1].room == 51
+    assert len(placed(cmds)) == 49
+
+
+def test_queue_stays_shallow_for_slow_tasks_or_large_results():
+    s = setup(nworkers=2, nthreads=1, queue_ahead=2, queue_seconds=0.01, queue_max=50, queue_bytes=1000)
+    submit(s, {f"r{i}": [] for i in range(200)})
+    # Slow tasks: 10 ms of work is less than queue_ahead tasks.
+    worker_send(s, 1, m.TaskFinished(tid(s, "r0"), 10, "int", 0.5))
+    assert s.workers[1].room == 1 + 2
+    # Fast tasks with large results: 1000 bytes of results is 2 tasks' worth.
+    w2 = [ts.key for ts in s.workers[2].processing]
+    worker_send(s, 2, m.TaskFinished(tid(s, w2[0]), 500, "bytes", 1e-5))
+    assert s.workers[2].room == 1 + 2
+    assert len(s.workers[2].processing) == 3
+
+
+def test_queue_shrinks_when_tasks_turn_slow():
+    s = setup(nworkers=1, nthreads=1, queue_ahead=1, queue_seconds=0.01, queue_max=20)
+    submit(s, {f"r{i}": [] for i in range(100)})
+    worker_send(s, 1, m.TaskFinished(tid(s, "r0"), 10, "int", 1e-5))
+    assert s.workers[1].room == 21
+    running = sorted(s.workers[1].processing, key=lambda t: t.priority)
+    for ts in running[:5]:
+        worker_send(s, 1, m.TaskFinished(ts.id, 10, "int", 5.0))
+    assert s.workers[1].room == 2
+    assert s.workers[1] not in s.idle
+    assert len(s.workers[1].processing) == 21 - 5  # nothing new until it drains below its room
 
 
 def test_queued_tasks_follow_the_graph_order_field():

@@ -15,6 +15,11 @@ class TaskState(enum.Enum):
     MEMORY = "memory"  # result held by one or more workers
     ERRED = "erred"  # it, or a dependency, failed for good
 
+    # Members are singletons compared by identity, so identity hashing is
+    # exact -- and C-level: Enum's own ``__hash__`` is Python code, run for
+    # every lookup in the transition table.
+    __hash__ = object.__hash__
+
 
 # Short names for the states, shared by the core and its invariants.
 RELEASED = TaskState.RELEASED
@@ -109,6 +114,9 @@ class WorkerRecord:
         "last_seen",
         "memory",
         "functions",
+        "room",
+        "mean_duration",
+        "mean_nbytes",
     )
 
     def __init__(self, wid: int, name: str, address: str, nthreads: int, memory_limit: int, resources: dict, now: float):
@@ -125,6 +133,11 @@ class WorkerRecord:
         self.last_seen = now
         self.memory = 0
         self.functions: set[str] = set()  # function tokens this worker was sent
+        # How many tasks it may hold (threads + queue), sized by the scheduler
+        # from the running means of its tasks' durations and result sizes.
+        self.room = self.nthreads
+        self.mean_duration = -1.0  # < 0: nothing measured yet
+        self.mean_nbytes = 0.0
 
     @property
     def load(self) -> float:

@@ -56,6 +56,9 @@ class SchedulerState:
         policy: PlacementPolicy | None = None,
         *,
         queue_ahead: int = 16,
+        queue_seconds: float = 0.05,
+        queue_max: int = 1024,
+        queue_bytes: int = 64 * 2**20,
         allowed_failures: int = 3,
         worker_ttl: float | None = None,
         validate: bool = False,
@@ -64,6 +67,14 @@ class SchedulerState:
         # How many tasks beyond its threads a worker may hold, so it never
         # idles for a round trip; root tasks beyond that wait in ``queued``.
         self.queue_ahead = queue_ahead
+        # Fine-grained tasks need a deeper queue, or the worker spends its
+        # time waiting for the next message: a worker whose tasks are short
+        # may hold about ``queue_seconds`` of work per thread (up to
+        # ``queue_max`` tasks), as long as the results of that many tasks
+        # stay under ``queue_bytes`` -- root tasks must not be over-produced.
+        self.queue_seconds = queue_seconds
+        self.queue_max = max(queue_max, queue_ahead)
+        self.queue_bytes = queue_bytes
         self.allowed_failures = allowed_failures
         self.worker_ttl = worker_ttl
         self.validate_each = validate
@@ -166,6 +177,7 @@ class SchedulerState:
 
     def _on_worker_joined(self, ev: WorkerJoined) -> None:
         ws = WorkerRecord(ev.wid, ev.name, ev.address, ev.nthreads, ev.memory_limit, ev.resources, ev.now)
+        ws.room = ws.nthreads + self.queue_ahead
         peers = [m.PeerInfo(o.wid, o.address) for o in self.workers.values()]
         for other in self.workers.values():
             self._cmds.worker(other.wid, m.PeersChanged([m.PeerInfo(ws.wid, ws.address)], []))
@@ -255,33 +267,48 @@ class SchedulerState:
             gen = self._generation
         tasks = self.tasks
         new: dict = {}
-        specs: dict = {}
+        pairs: list = []
         for spec in msg.tasks:
-            key = m.as_key(spec.key)
+            key = spec.key
+            if type(key) is list:
+                key = m.as_key(key)
             if key in tasks or key in new:
                 continue  # known already: the existing task (and its data) wins
             ts = SchedulerTask(-1, key, spec.run_spec, (-spec.priority, gen, spec.order))
-            ts.retries = spec.retries
+            if spec.retries:
+                ts.retries = spec.retries
             if spec.workers:
                 ts.workers = frozenset(spec.workers)
                 ts.allow_other_workers = spec.allow_other_workers
-            ts.resources = spec.resources or None
-            ts.scattered = spec.scattered
+            if spec.resources:
+                ts.resources = spec.resources
+            if spec.scattered:
+                ts.scattered = True
             ts.func = spec.func
             new[key] = ts
-            specs[key] = spec
+            pairs.append((ts, spec.deps))
         # Validate before touching any state: a rejected graph changes nothing.
         missing: dict = {}
-        dep_keys: dict = {}
-        for key, spec in specs.items():
-            deps = [m.as_key(d) for d in spec.deps]
-            dep_keys[key] = deps
-            bad = [d for d in deps if d not in new and d not in tasks]
-            if bad:
-                missing[key] = bad
-        for key, ts in new.items():
-            if ts.func and ts.func not in msg.functions and ts.func not in self.functions:
-                missing.setdefault(key, []).append(f"<function {ts.func}>")
+        internal = False  # does any new task depend on another new one?
+        functions, known_functions = msg.functions, self.functions
+        for ts, spec_deps in pairs:
+            if spec_deps:
+                deps = []
+                for d in spec_deps:
+                    if type(d) is list:
+                        d = m.as_key(d)
+                    dts = new.get(d)
+                    if dts is not None:
+                        internal = True
+                    else:
+                        dts = tasks.get(d)
+                        if dts is None:
+                            missing.setdefault(ts.key, []).append(d)
+                            continue
+                    deps.append(dts)
+                ts.dependencies = deps
+            if ts.func and ts.func not in functions and ts.func not in known_functions:
+                missing.setdefault(ts.key, []).append(f"<function {ts.func}>")
         wanted = [m.as_key(k) for k in msg.wanted]
         unknown = [k for k in wanted if k not in new and k not in tasks]
         if missing or unknown:
@@ -293,30 +320,29 @@ class SchedulerState:
             self._cmds.client(cid, m.GraphRejected(keys, reason))
             self._drop_partial(cid)
             return
-        cycle = find_cycle({k: dep_keys[k] for k in new})
+        cycle = find_cycle({k: [d.key for d in ts.dependencies] for k, ts in new.items()}) if internal else []
         if cycle:
             keys = list(dict.fromkeys(wanted + cycle))
             self._cmds.client(cid, m.GraphRejected(keys, f"the graph has a cycle through {cycle[:10]!r}"))
             self._drop_partial(cid)
             return
-        for tok, payload in msg.functions.items():
-            self.functions.setdefault(tok, payload)
-        refs = self.function_refs
+        for tok, payload in functions.items():
+            known_functions.setdefault(tok, payload)
+        refs, by_id = self.function_refs, self.by_id
+        next_id = self._next_id
         for key, ts in new.items():
-            ts.id = self._next_id
-            self._next_id += 1
+            ts.id = next_id
+            next_id += 1
             tasks[key] = ts
-            self.by_id[ts.id] = ts
+            by_id[ts.id] = ts
             if ts.func:
                 refs[ts.func] = refs.get(ts.func, 0) + 1
-        for tok in msg.functions:
-            if tok not in refs:
-                del self.functions[tok]  # every task naming it was known already
-        for key, ts in new.items():
-            deps = [tasks[d] for d in dep_keys[key]]
-            ts.dependencies = deps
-            for dep in deps:
+            for dep in ts.dependencies:
                 dep.dependents[ts] = None
+        self._next_id = next_id
+        for tok in functions:
+            if tok not in refs:
+                del known_functions[tok]  # every task naming it was known already
         if msg.more:
             self._partial[cid] = gen
             self._pin_part(cid, new)
@@ -389,6 +415,8 @@ class SchedulerState:
     def _on_task_finished(self, ws: WorkerRecord, msg: m.TaskFinished) -> None:
         ts = self.by_id.get(msg.id)
         if ts is not None and ts.state is PROCESSING and ts.processing_on is ws:
+            if self.queue_seconds:
+                self._learn(ws, msg.duration, msg.nbytes)
             recs = self._processing_to_memory(ts, ws, msg.nbytes, msg.type_name)
             self._transitions(recs)
         elif ts is not None and ts.state is MEMORY:
@@ -398,6 +426,21 @@ class SchedulerState:
                 ws.nbytes += ts.nbytes
         else:
             self._release_on(ws.wid, msg.id)
+
+    def _learn(self, ws: WorkerRecord, duration: float, nbytes: int) -> None:
+        """Track how long this worker's tasks take and how large their results
+        are, and size its queue from that (see ``queue_seconds``)."""
+        if ws.mean_duration < 0:
+            ws.mean_duration, ws.mean_nbytes = duration, float(nbytes)
+        else:
+            ws.mean_duration += 0.1 * (duration - ws.mean_duration)
+            ws.mean_nbytes += 0.1 * (nbytes - ws.mean_nbytes)
+        by_time = self.queue_seconds * ws.nthreads / max(ws.mean_duration, 1e-6)
+        by_bytes = self.queue_bytes / max(ws.mean_nbytes, 1.0)
+        ahead = max(self.queue_ahead, int(min(self.queue_max, by_time, by_bytes)))
+        ws.room = ws.nthreads + ahead
+        if len(ws.processing) >= ws.room:
+            self.idle.discard(ws)
 
     def _on_task_erred(self, ws: WorkerRecord, msg: m.TaskErred) -> None:
         ts = self.by_id.get(msg.id)
@@ -557,7 +600,7 @@ class SchedulerState:
         if ts.resources:
             for r, need in ts.resources.items():
                 ws.used_resources[r] = ws.used_resources.get(r, 0) + need
-        if len(ws.processing) >= ws.nthreads + self.queue_ahead:
+        if len(ws.processing) >= ws.room:
             self.idle.discard(ws)
         deps = ts.dependencies
         func = ts.func
@@ -589,7 +632,7 @@ class SchedulerState:
             self._send(ts, ws)
 
     def _worker_room(self, ws: WorkerRecord) -> None:
-        if ws.wid in self.workers and len(ws.processing) < ws.nthreads + self.queue_ahead:
+        if ws.wid in self.workers and len(ws.processing) < ws.room:
             self.idle.add(ws)
 
     def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:

@@ -77,7 +77,7 @@ def validate_state(state: "SchedulerState") -> None:
             check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)
         for ts in ws.has_what:
             check(ts.state is MEMORY and ws in ts.who_has, "worker holds a task not in memory there", ts)
-        room = len(ws.processing) < ws.nthreads + state.queue_ahead
+        room = len(ws.processing) < ws.room
         check((ws in state.idle) == room, f"idle set out of sync for worker {ws.wid}")
     for cid, cr in state.clients.items():
         for ts in cr.wants:
