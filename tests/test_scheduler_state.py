@@ -468,6 +468,21 @@ def test_queue_shrinks_when_tasks_turn_slow():
     assert len(s.workers[1].processing) == 21 - 5  # nothing new until it drains below its room
 
 
+def test_neighbouring_root_tasks_go_to_the_same_worker():
+    # A tree reduction: each pair of leaves feeds one add.  Handing out runs
+    # of consecutive leaves keeps each pair on one worker, so no add needs a
+    # transfer.
+    s = setup(nworkers=2, nthreads=1, queue_ahead=3)
+    graph = {f"r{i}": [] for i in range(8)}
+    graph.update({f"a{i}": [f"r{2 * i}", f"r{2 * i + 1}"] for i in range(4)})
+    where = placed(submit(s, graph))
+    assert where == {"r0": 1, "r1": 1, "r2": 1, "r3": 1, "r4": 2, "r5": 2, "r6": 2, "r7": 2}
+    for key, wid in where.items():
+        finish(s, wid, key)
+    adds = {ts.key: ts.processing_on.wid for ts in s.tasks.values() if ts.key.startswith("a")}
+    assert adds == {"a0": 1, "a1": 1, "a2": 2, "a3": 2}
+
+
 def test_queued_tasks_follow_the_graph_order_field():
     s = setup(nworkers=1, nthreads=1, queue_ahead=0)
     graph = {k: m.TaskSpec(k, [], RUN, order=o) for k, o in [("p", 2), ("q", 0), ("r", 1)]}
@@ -1472,9 +1487,9 @@ def test_shared_function_is_defined_once_per_worker_before_its_first_execute():
         msgs = cmds.to_workers[wid]
         kinds = [type(x) for x in msgs]
         assert kinds == [m.DefineFunction, m.Execute, m.Execute]
-        assert msgs[0] == m.DefineFunction("f1", FN)
-        assert s.workers[wid].functions == {"f1"}
-    assert all(x.func == "f1" for x in execs(cmds))
+        assert msgs[0] == m.DefineFunction(1, FN, "f1")
+        assert s.workers[wid].functions == {"f1": 1}
+    assert all(x.func == 1 for x in execs(cmds))  # the id interned on this connection
     assert s.functions == {"f1": FN} and s.function_refs == {"f1": 6}
     # queued tasks handed out later carry no second definition
     wid = s.tasks["t0"].processing_on.wid
@@ -1503,21 +1518,23 @@ def test_function_is_released_with_the_last_task_naming_it():
     s = setup(nworkers=2, nthreads=1, queue_ahead=0)
     client_send(s, m.SubmitGraph(fspecs(["a", "b"]), ["a", "b"], {"f1": FN}))
     run_all(s, Commands())
-    assert all(s.workers[w].functions == {"f1"} for w in (1, 2))
+    assert all(s.workers[w].functions == {"f1": 1} for w in (1, 2))
     cmds = client_send(s, m.ReleaseKeys(["a"]))
     assert not any(isinstance(x, m.ReleaseFunctions) for x in cmds.all_to_workers())
     assert s.function_refs == {"f1": 1}
     cmds = client_send(s, m.ReleaseKeys(["b"]))
     for wid in (1, 2):
-        assert to_worker(cmds, wid, m.ReleaseFunctions) == [m.ReleaseFunctions(["f1"])]
-        assert s.workers[wid].functions == set()
+        assert to_worker(cmds, wid, m.ReleaseFunctions) == [m.ReleaseFunctions([1])]
+        assert s.workers[wid].functions == {}
     assert s.functions == {} and s.function_refs == {}
     # a later graph must define it again, and it is sent again
     cmds = client_send(s, m.SubmitGraph(fspecs(["c"]), ["c"]))
     assert to_client(cmds, m.GraphRejected)
     cmds = client_send(s, m.SubmitGraph(fspecs(["c"]), ["c"], {"f1": FN}))
     wid = s.tasks["c"].processing_on.wid
-    assert [type(x) for x in cmds.to_workers[wid]] == [m.DefineFunction, m.Execute]
+    define, execute = cmds.to_workers[wid]
+    # A fresh id: an Execute still in flight can never name the wrong function.
+    assert define == m.DefineFunction(2, FN, "f1") and execute.func == 2
 
 
 def test_functions_shipped_with_only_known_tasks_are_not_kept():
@@ -1534,7 +1551,7 @@ def test_function_of_a_task_erring_and_forgotten_is_released():
     client_send(s, m.SubmitGraph(fspecs(["a"]), ["a"], {"f1": FN}))
     fail(s, 1, "a")
     cmds = client_send(s, m.ReleaseKeys(["a"]))
-    assert to_worker(cmds, 1, m.ReleaseFunctions) == [m.ReleaseFunctions(["f1"])]
+    assert to_worker(cmds, 1, m.ReleaseFunctions) == [m.ReleaseFunctions([1])]
     assert s.functions == {}
 
 

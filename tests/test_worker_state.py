@@ -602,12 +602,12 @@ def test_define_and_release_shared_functions():
     ws = make_state()
     fn = Payload([b"pickled function"])
     msg = execute(1)
-    msg.func = "tok"
-    cmds = sched(ws, m.DefineFunction("tok", fn), msg)
-    assert ws.functions == {"tok": fn}
+    msg.func = 3
+    cmds = sched(ws, m.DefineFunction(3, fn, "tok"), msg)
+    assert ws.functions == {3: fn}
     (ts,) = cmds.run
-    assert ts.func == "tok"
-    sched(ws, m.ReleaseFunctions(["tok", "never-defined"]))
+    assert ts.func == 3
+    sched(ws, m.ReleaseFunctions([3, 99]))
     assert ws.functions == {}
 
 

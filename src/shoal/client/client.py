@@ -36,6 +36,9 @@ from .futures import CANCELLED, FINISHED, LOST, Future, FutureState, _with_remot
 from .loop import LoopThread
 from .tasks import collect_futures, dumps_args, funcname, rebuild, run_spec, token as content_token, worker_names
 
+# Argument types that can hold no future: ``map`` over numbers skips the walk.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
 logger = logging.getLogger("shoal.client")
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -305,6 +308,8 @@ class Client:
     def _unpack(self, obj: Any, deps: dict) -> Any:
         """Replace futures (inside lists, tuples, dicts, sets) by references."""
         t = type(obj)
+        if t in _PLAIN:
+            return obj
         if t is Future or isinstance(obj, Future):
             if obj.client is not self:
                 raise ValueError(f"future {obj.key!r} belongs to another client")
@@ -338,7 +343,10 @@ class Client:
 
     def _task_spec(self, func, args, kwargs, key, pure, opts, functions: dict) -> tuple[m.TaskSpec, Any]:
         deps: dict = {}
-        args = self._unpack(args, deps)
+        for a in args:
+            if type(a) not in _PLAIN:
+                args = self._unpack(args, deps)
+                break
         kwargs = self._unpack(kwargs, deps) if kwargs else {}
         ftoken, fpayload = self._function(func)
         functions[ftoken] = fpayload

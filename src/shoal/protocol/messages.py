@@ -254,18 +254,22 @@ class Execute(Msg, tag=42):
     deps: list[int] = []
     dep_keys: list[Key] = []
     who_has: list[list[int]] = []  # per dep: worker ids holding it
-    func: str = ""  # token of a function sent with DefineFunction
+    func: int = 0  # a function sent before with DefineFunction (0: none)
 
 
 class DefineFunction(Msg, tag=46):
-    """A function that later Execute messages name by ``token``."""
+    """A function that later Execute messages name by ``id``.
 
-    token: str
+    Ids are interned per connection (small integers, from 1), so an Execute
+    carries a few bytes instead of the function's 32-character token."""
+
+    id: int
     payload: Payload
+    token: str = ""  # the content token, for error messages
 
 
 class ReleaseFunctions(Msg, tag=47):
-    tokens: list[str]
+    ids: list[int]
 
 
 class ReleaseData(Msg, tag=43):

@@ -114,6 +114,7 @@ class WorkerRecord:
         "last_seen",
         "memory",
         "functions",
+        "functions_dropped",
         "room",
         "mean_duration",
         "mean_nbytes",
@@ -132,7 +133,11 @@ class WorkerRecord:
         self.nbytes = 0
         self.last_seen = now
         self.memory = 0
-        self.functions: set[str] = set()  # function tokens this worker was sent
+        # Function tokens this worker was sent, with the id each has on its
+        # connection; ids are never reused (``functions_dropped`` counts the
+        # released ones), so a late Execute cannot name the wrong function.
+        self.functions: dict[str, int] = {}
+        self.functions_dropped = 0
         # How many tasks it may hold (threads + queue), sized by the scheduler
         # from the running means of its tasks' durations and result sizes.
         self.room = self.nthreads

@@ -604,9 +604,13 @@ class SchedulerState:
             self.idle.discard(ws)
         deps = ts.dependencies
         func = ts.func
-        if func and func not in ws.functions:
-            ws.functions.add(func)
-            self._cmds.worker(ws.wid, m.DefineFunction(func, self.functions[func]))
+        if func:
+            fid = ws.functions.get(func)
+            if fid is None:
+                fid = ws.functions[func] = len(ws.functions) + ws.functions_dropped + 1
+                self._cmds.worker(ws.wid, m.DefineFunction(fid, self.functions[func], func))
+        else:
+            fid = 0
         if deps:
             msg = m.Execute(
                 ts.id,
@@ -616,20 +620,29 @@ class SchedulerState:
                 [d.id for d in deps],
                 [d.key for d in deps],
                 [[w.wid for w in d.who_has] for d in deps],
-                func,
+                fid,
             )
         else:
-            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority), func=func)
+            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority), func=fid)
         self._cmds.worker(ws.wid, msg)
 
     def _drain_queue(self) -> None:
-        queued, idle = self.queued, self.idle
+        queued, idle, heappop = self.queued, self.idle, heapq.heappop
         while queued and idle:
-            _, _, ts = heapq.heappop(queued)
+            _, _, ts = heappop(queued)
             if ts.state is not QUEUED:
                 continue  # stale entry: released or erred while queued
             ws = self.policy.choose(ts, idle)
             self._send(ts, ws)
+            # The worker takes a run of consecutive root tasks, its fair share
+            # of what is queued: neighbours in the graph's order usually feed
+            # the same reduction, which then needs no transfer.
+            share = -(-len(queued) // (len(idle) or 1))
+            while share > 1 and queued and ws in idle:
+                _, _, ts = heappop(queued)
+                if ts.state is QUEUED:
+                    self._send(ts, ws)
+                    share -= 1
 
     def _worker_room(self, ws: WorkerRecord) -> None:
         if ws.wid in self.workers and len(ws.processing) < ws.room:
@@ -727,9 +740,10 @@ class SchedulerState:
         del self.function_refs[tok]
         del self.functions[tok]
         for ws in self.workers.values():
-            if tok in ws.functions:
-                ws.functions.discard(tok)
-                self._cmds.worker(ws.wid, m.ReleaseFunctions([tok]))
+            fid = ws.functions.pop(tok, None)
+            if fid is not None:
+                ws.functions_dropped += 1
+                self._cmds.worker(ws.wid, m.ReleaseFunctions([fid]))
 
     def _maybe_release(self, ts: SchedulerTask, recs: dict) -> None:
         """Recommend releasing ``ts`` if no client and no waiting dependent needs it."""

@@ -37,10 +37,10 @@ class Outcome:
 class LazyFunction:
     """A shared function's payload, unpickled on first use in a task thread."""
 
-    __slots__ = ("token", "payload", "_func", "_lock")
+    __slots__ = ("id", "payload", "_func", "_lock")
 
-    def __init__(self, token: str, payload: Payload | None):
-        self.token = token
+    def __init__(self, fid: int, payload: Payload | None):
+        self.id = fid
         self.payload = payload
         self._func = None
         self._lock = threading.Lock()
@@ -50,7 +50,7 @@ class LazyFunction:
             with self._lock:
                 if self._func is None:
                     if self.payload is None:
-                        raise SerializationError(f"function {self.token} was never sent to this worker")
+                        raise SerializationError(f"function #{self.id} was never sent to this worker")
                     self._func = deserialize(self.payload, what="a task's function")
         return self._func
 

@@ -58,7 +58,7 @@ class Worker:
         # without running it: what remains is the runtime's own cost per task.
         self.zero = zero
         self._zero_done: list[Outcome] = []
-        self._functions: dict[str, LazyFunction] = {}
+        self._functions: dict[int, LazyFunction] = {}
         self.state = WorkerState(nthreads, validate=validate)
         self.store: dict[int, Any] = {}
         self.address = ""
@@ -210,15 +210,15 @@ class Worker:
         for peer, address, ids in cmds.fetch:
             self._spawn(self._fetch(peer, address, ids))
 
-    def _function(self, token: str) -> "LazyFunction":
-        """The shared function ``token``, unpickled once (in a task thread)."""
-        fn = self._functions.get(token)
-        payload = self.state.functions.get(token)
+    def _function(self, fid: int) -> "LazyFunction":
+        """The shared function ``fid``, unpickled once (in a task thread)."""
+        fn = self._functions.get(fid)
+        payload = self.state.functions.get(fid)
         if fn is None or fn.payload is not payload:
-            fn = self._functions[token] = LazyFunction(token, payload)
+            fn = self._functions[fid] = LazyFunction(fid, payload)
         if len(self._functions) > 2 * len(self.state.functions) + 64:
-            for tok in [t for t in self._functions if t not in self.state.functions]:
-                del self._functions[tok]
+            for f in [f for f in self._functions if f not in self.state.functions]:
+                del self._functions[f]
         return fn
 
     def _zero_run(self, tasks: list) -> None:

@@ -63,7 +63,7 @@ class WorkerTask:
         self.key = key
         self.state = state
         self.run_spec = None  # None: data only, never run here
-        self.func = ""  # token of a shared function (see WorkerState.functions)
+        self.func = 0  # id of a shared function (see WorkerState.functions); 0: none
         self.priority: tuple = ()
         self.deps: list[WorkerTask] = []
         self.dependents: set[WorkerTask] = set()
@@ -158,7 +158,7 @@ class WorkerState:
         self._fetch_dirty = False
         self.in_flight: dict[int, set[WorkerTask]] = {}  # peer -> tasks asked of it
         self.nbytes = 0
-        self.functions: dict[str, Any] = {}  # token -> pickled function (Payload)
+        self.functions: dict[int, Any] = {}  # id -> pickled function (Payload)
         self._cmds = WorkerCommands()
         self._sched_handlers = {
             m.WorkerWelcome: self._on_welcome,
@@ -211,11 +211,11 @@ class WorkerState:
                     ts.who_has.remove(wid)
 
     def _on_define_function(self, msg: m.DefineFunction) -> None:
-        self.functions[msg.token] = msg.payload
+        self.functions[msg.id] = msg.payload
 
     def _on_release_functions(self, msg: m.ReleaseFunctions) -> None:
-        for tok in msg.tokens:
-            self.functions.pop(tok, None)
+        for fid in msg.ids:
+            self.functions.pop(fid, None)
 
     def _on_execute(self, msg: m.Execute) -> None:
         ts = self.tasks.get(msg.id)
