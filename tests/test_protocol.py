@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from shoal.errors import ProtocolError, SerializationError
 from shoal.protocol import messages as m
-from shoal.protocol.framing import PAYLOAD_EXT, PacketReader, PacketWriter
+from shoal.protocol.framing import INLINE_MAX, PAYLOAD_EXT, PacketReader, PacketWriter
 from shoal.protocol.serialize import (
     _LZ4,
     _RAW,
@@ -207,14 +207,27 @@ def test_as_key_leaves_scalars_alone():
 
 
 def test_payload_frames_travel_out_of_band():
+    big = Payload([b"x" * (INLINE_MAX + 1)])
     w = PacketWriter()
-    frames = w.encode([m.DataResponse(1, [1, 2], [P3, P1])])
+    frames = w.encode([m.DataResponse(1, [1, 2, 3], [P3, big, P1])])
     header, body, *oob = frames
     (n,) = struct.unpack_from("<I", header)
-    assert n == 2 + len(P3.frames)
+    assert n == 1 + len(P3.frames) + 1
     for f in P3.frames:
         assert bytes(f) not in body
-    assert [bytes(f) for f in oob] == [bytes(f) for f in P3.frames + P1.frames]
+    assert [bytes(f) for f in oob] == [bytes(f) for f in P3.frames + big.frames]
+    # A small single-frame payload rides inside frame 0 instead.
+    assert bytes(P1.frames[0]) in body
+    (msg,) = PacketReader(m.ToWorker).feed(b"".join(bytes(f) for f in frames))
+    assert msg.payloads == [P3, big, P1]
+
+
+def test_packet_of_small_payloads_is_two_buffers():
+    specs = [m.TaskSpec(f"k{i}", [], Payload([b"args%d" % i])) for i in range(1000)]
+    frames = PacketWriter().encode([m.SubmitGraph(specs, ["k0"])])
+    assert len(frames) == 2
+    (msg,) = PacketReader(m.ToScheduler).feed(b"".join(bytes(f) for f in frames))
+    assert [t.run_spec for t in msg.tasks] == [s.run_spec for s in specs]
 
 
 def test_large_numpy_payload_is_not_copied_into_frame_zero():

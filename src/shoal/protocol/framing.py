@@ -6,7 +6,10 @@ Layout of one packet on a byte stream::
 
 Frame 0 is the msgpack encoding of ``list[Message]``; every :class:`Payload`
 inside it is replaced by an msgpack extension ``(PAYLOAD_EXT, start, count)``
-naming the frames that follow.  No I/O here: :class:`PacketReader` is fed
+naming the frames that follow -- or, for a small single-frame payload (a
+task's pickled arguments, a small result), by an extension
+``(PAYLOAD_INLINE_EXT, bytes)`` holding it: tens of thousands of tiny frames
+would cost a length and a slice each on both ends.  No I/O here: :class:`PacketReader` is fed
 bytes and returns decoded batches (sans-IO, like h11).
 """
 
@@ -21,6 +24,8 @@ from ..errors import ProtocolError
 from .serialize import Payload
 
 PAYLOAD_EXT = 1
+PAYLOAD_INLINE_EXT = 2
+INLINE_MAX = 2048  # bytes: single-frame payloads up to this travel inside frame 0
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _EXT = struct.Struct("<II")
@@ -38,9 +43,12 @@ class PacketWriter:
 
     def _enc_hook(self, obj: Any) -> Any:
         if type(obj) is Payload:
+            frames = obj.frames
+            if len(frames) == 1 and type(frames[0]) is bytes and len(frames[0]) <= INLINE_MAX:
+                return msgspec.msgpack.Ext(PAYLOAD_INLINE_EXT, frames[0])
             start = len(self._oob) + 1
-            self._oob.extend(obj.frames)
-            return msgspec.msgpack.Ext(PAYLOAD_EXT, _EXT.pack(start, len(obj.frames)))
+            self._oob.extend(frames)
+            return msgspec.msgpack.Ext(PAYLOAD_EXT, _EXT.pack(start, len(frames)))
         raise NotImplementedError(f"cannot encode {type(obj).__name__} in a message")
 
     def encode(self, msgs: list) -> list:
@@ -51,11 +59,11 @@ class PacketWriter:
         finally:
             self._oob = []
         n = 1 + len(oob)
-        header = bytearray(_U32.pack(n))
-        header += _U64.pack(len(body))
-        for f in oob:
-            header += _U64.pack(memoryview(f).nbytes)
-        return [bytes(header), body, *oob]
+        if n == 1:
+            return [_U32.pack(1) + _U64.pack(len(body)), body]
+        lengths = [len(body)]
+        lengths.extend(memoryview(f).nbytes for f in oob)
+        return [struct.pack(f"<I{n}Q", n, *lengths), body, *oob]
 
 
 class PacketReader:
@@ -78,6 +86,8 @@ class PacketReader:
         self._pending: tuple | None = None
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code == PAYLOAD_INLINE_EXT:
+            return Payload([bytes(data)])
         if code != PAYLOAD_EXT or len(data) != _EXT.size:
             raise ValueError(f"unknown extension type {code}")
         start, count = _EXT.unpack(data)
@@ -115,7 +125,7 @@ class PacketReader:
             hsize = 4 + 8 * n
             if avail < hsize:
                 return None
-            lengths = [_U64.unpack_from(buf, pos + 4 + 8 * i)[0] for i in range(n)]
+            lengths = struct.unpack_from(f"<{n}Q", buf, pos + 4)
             total = sum(lengths)
             if total > self.max_packet:
                 raise ProtocolError(
