@@ -249,14 +249,24 @@ class Client:
 
     def _track(self, key: Any, state: FutureState | None, submitted: bool = False) -> FutureState:
         with self._lock:
-            self._refs[key] = self._refs.get(key, 0) + 1
-            st = self._states.get(key)
-            if st is None or (submitted and st.status in (CANCELLED, LOST)):
-                # A key submitted again after a cancel (or loss) runs again:
-                # new futures get a fresh state; old ones stay cancelled.
-                st = state or FutureState(key)
-                self._states[key] = st
-            return st
+            return self._track_locked(key, state, submitted)
+
+    def _track_locked(self, key: Any, state: FutureState | None, submitted: bool) -> FutureState:
+        self._refs[key] = self._refs.get(key, 0) + 1
+        st = self._states.get(key)
+        if st is None or (submitted and st.status in (CANCELLED, LOST)):
+            # A key submitted again after a cancel (or loss) runs again:
+            # new futures get a fresh state; old ones stay cancelled.
+            st = state or FutureState(key)
+            self._states[key] = st
+        return st
+
+    def _submitted_futures(self, keys: list) -> list[Future]:
+        """Futures for keys about to be submitted, tracked under one lock
+        acquisition (the I/O thread takes the same lock: per-key locking
+        made ``map`` trade the GIL with it for every task)."""
+        with self._lock:
+            return [Future._tracked(k, self, self._track_locked(k, None, True)) for k in keys]
 
     def _untrack(self, key: Any) -> None:
         with self._lock:
@@ -429,12 +439,15 @@ class Client:
                 k = spec.key = f"{prefix}-{k.rsplit('-', 1)[-1]}"
             spec.order = i
             specs.append(spec)
-            futures.append(Future(k, self, submitted=True))
             if len(specs) >= batch_size:
-                self._send(m.SubmitGraph(specs, [s.key for s in specs], functions))
+                keys_now = [s.key for s in specs]
+                futures.extend(self._submitted_futures(keys_now))  # tracked before the results can arrive
+                self._send(m.SubmitGraph(specs, keys_now, functions))
                 specs = []
         if specs:
-            self._send(m.SubmitGraph(specs, [s.key for s in specs], functions))
+            keys_now = [s.key for s in specs]
+            futures.extend(self._submitted_futures(keys_now))
+            self._send(m.SubmitGraph(specs, keys_now, functions))
         return futures
 
     def submit_graph(self, graph: dict, keys: Iterable, *, priorities: dict | None = None, annotations: dict | None = None) -> list[Future]:
@@ -479,7 +492,7 @@ class Client:
                     ftoken,
                 )
             )
-        futures = [Future(k, self, submitted=True) for k in keys]
+        futures = self._submitted_futures(keys)
         if len(specs) <= GRAPH_PART:
             self._send(m.SubmitGraph(specs, keys, functions))
             return futures

@@ -136,6 +136,15 @@ class Future:
         self.client = client
         self._state = client._track(key, state, submitted)
 
+    @classmethod
+    def _tracked(cls, key: Any, client: "Client", state: FutureState) -> "Future":
+        """A future whose key the client already counted (see ``Client._submitted_futures``)."""
+        self = cls.__new__(cls)
+        self.key = key
+        self.client = client
+        self._state = state
+        return self
+
     # -- status ------------------------------------------------------------------
 
     @property
