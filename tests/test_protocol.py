@@ -49,7 +49,7 @@ SAMPLES = [
     m.RetireWorkers(7, ["w-1", "tcp://x:1"]),
     m.RequestInfo(8),
     m.Welcome("sched-1", ["tcp://a:1"]),
-    m.KeyInMemory("k", 12, ["tcp://a:1"], 100, "ndarray"),
+    m.KeysInMemory(["k", "j"], [12, 13], [[0], [0, 1]], ["tcp://a:1", "tcp://b:2"], [100, 8], ["ndarray", "int"]),
     m.KeyErred("k", P1, "Traceback ...", "blamed-key"),
     m.KeysCancelled(["k"], "client asked"),
     m.KeysLost(["k"], "holder died"),

@@ -131,7 +131,12 @@ def to_client(cmds: Commands, typ, cid="c") -> list:
 
 
 def in_memory_keys(cmds: Commands, cid="c") -> list:
-    return [x.key for x in to_client(cmds, m.KeyInMemory, cid)]
+    return [e[0] for e in in_memory(cmds, cid)]
+
+
+def in_memory(cmds: Commands, cid="c") -> list:
+    """``(key, id, addresses, nbytes, type_name)`` per result reported to ``cid``."""
+    return [e for x in to_client(cmds, m.KeysInMemory, cid) for e in x.entries()]
 
 
 def run_all(s, cmds: Commands, nbytes=10, log=None) -> list:
@@ -192,8 +197,7 @@ def test_single_task_lifecycle():
     assert ts.wanted_by == {"c"}
 
     cmds = finish(s, 1, "x", nbytes=123, type_name="int")
-    [msg] = to_client(cmds, m.KeyInMemory)
-    assert (msg.key, msg.id, msg.workers, msg.nbytes, msg.type_name) == ("x", ts.id, [addr(1)], 123, "int")
+    assert in_memory(cmds) == [("x", ts.id, [addr(1)], 123, "int")]
     assert ts.state is MEMORY and ts.who_has == {s.workers[1]}
     assert s.workers[1].nbytes == 123 and s.workers[1].has_what == {ts}
     assert not cmds.to_workers  # nothing released: the client holds it
@@ -263,7 +267,7 @@ def test_chain_dispatches_each_task_once_its_input_is_in_memory():
     cmds = finish(s, 1, "a", nbytes=5)
     [ex] = execs(cmds, 1)
     assert (ex.key, ex.deps, ex.dep_keys, ex.who_has) == ("b", [a.id], ["a"], [[1]])
-    assert not to_client(cmds, m.KeyInMemory)  # a is not wanted
+    assert not in_memory(cmds)  # a is not wanted
     assert a.state is MEMORY  # b still needs it
 
     cmds = finish(s, 1, "b")
@@ -842,8 +846,7 @@ def test_resubmitting_a_key_in_memory_answers_at_once():
     ts = s.tasks["x"]
     cmds = submit(s, {"x": []}, cid="d")
     assert not execs(cmds)
-    [msg] = to_client(cmds, m.KeyInMemory, "d")
-    assert (msg.key, msg.id, msg.workers, msg.nbytes) == ("x", ts.id, [addr(1)], 7)
+    assert in_memory(cmds, "d") == [("x", ts.id, [addr(1)], 7, "int")]
     assert s.tasks["x"] is ts and ts.wanted_by == {"c", "d"}
 
 
@@ -971,8 +974,8 @@ def test_lost_wanted_result_is_recomputed_and_reported_again():
     cmds = s.handle([WorkerLeft(wid, "crashed")])
     assert placed(cmds) == {"x": 3 - wid}
     cmds = finish(s, 3 - wid, "x")
-    [msg] = to_client(cmds, m.KeyInMemory)
-    assert msg.workers == [addr(3 - wid)]
+    [(_, _, workers, _, _)] = in_memory(cmds)
+    assert workers == [addr(3 - wid)]
 
 
 def test_lost_data_nobody_needs_is_not_recomputed():
@@ -1633,3 +1636,31 @@ def test_worker_crash_without_a_start_report_blames_everything_it_held():
     erred = [x.key for x in to_client(cmds, m.KeyErred)]
     assert erred  # whatever worker 1 held is suspect when it never said what ran
     assert all(s.tasks[k].state is ERRED for k in erred)
+
+
+# -- results reported to clients -----------------------------------------------------------------
+
+
+def test_results_finishing_together_share_one_message_with_addresses_once():
+    s = setup(nworkers=2, nthreads=4)
+    submit(s, {f"x{i}": [] for i in range(6)})
+    done = [m.TaskFinished(ts.id, 10 + ts.id, "int") for ts in s.workers[1].processing]
+    cmds = worker_send(s, 1, *done)
+    [msg] = to_client(cmds, m.KeysInMemory)
+    assert msg.addresses == [addr(1)]
+    assert sorted(msg.ids) == sorted(d.id for d in done)
+    assert msg.holders == [[0]] * len(done)
+    assert msg.nbytes == [10 + i for i in msg.ids]
+
+
+def test_result_reports_keep_their_order_with_other_client_messages():
+    # x finishes, then y errs, then z finishes, in one batch: the client must
+    # see them in that order, so a second KeysInMemory follows the error.
+    s = setup(nworkers=1, nthreads=3)
+    submit(s, {"x": [], "y": [], "z": []})
+    cmds = worker_send(s, 1, m.TaskFinished(tid(s, "x"), 1, "int"),
+                       m.TaskErred(tid(s, "y"), serialize(ValueError("no")), "tb"),
+                       m.TaskFinished(tid(s, "z"), 1, "int"))
+    kinds = [type(x).__name__ for x in cmds.to_clients["c"]]
+    assert kinds == ["KeysInMemory", "KeyErred", "KeysInMemory"]
+    assert [x.keys for x in to_client(cmds, m.KeysInMemory)] == [["x"], ["z"]]

@@ -180,10 +180,11 @@ class Client:
         states = self._states
         for msg in msgs:
             t = type(msg)
-            if t is m.KeyInMemory:
-                st = states.get(m.as_key(msg.key))
-                if st is not None:
-                    st.set_finished(msg.id, msg.workers, msg.nbytes, msg.type_name)
+            if t is m.KeysInMemory:
+                for key, tid, workers, nbytes, type_name in msg.entries():
+                    st = states.get(key)
+                    if st is not None:
+                        st.set_finished(tid, workers, nbytes, type_name)
             elif t is m.KeyErred:
                 st = states.get(m.as_key(msg.key))
                 if st is not None:

@@ -128,12 +128,23 @@ class Welcome(Msg, tag=20):
     workers: list[str]
 
 
-class KeyInMemory(Msg, tag=21):
-    key: Key
-    id: int
-    workers: list[str]  # data-server addresses holding it
-    nbytes: int = 0
-    type_name: str = ""
+class KeysInMemory(Msg, tag=21):
+    """Results now held by workers, one column per field (a map of 100k
+    tasks would otherwise be 100k messages).  ``holders[i]`` indexes into
+    ``addresses``, so each worker's address is written once per message."""
+
+    keys: list[Key]
+    ids: list[int]
+    holders: list[list[int]]
+    addresses: list[str]  # data-server addresses
+    nbytes: list[int]
+    type_names: list[str]
+
+    def entries(self):
+        """``(key, id, [addresses], nbytes, type_name)`` per result."""
+        addrs = self.addresses
+        for key, tid, hs, nb, tn in zip(self.keys, self.ids, self.holders, self.nbytes, self.type_names):
+            yield as_key(key), tid, [addrs[h] for h in hs], nb, tn
 
 
 class KeyErred(Msg, tag=22):
@@ -336,7 +347,7 @@ ToWorker = Union[
 
 ToClient = Union[
     Welcome,
-    KeyInMemory,
+    KeysInMemory,
     KeyErred,
     KeysCancelled,
     KeysLost,

@@ -354,7 +354,7 @@ class SchedulerState:
             ts.wanted_by.add(cid)
             client.wants.add(ts)
             if ts.state is MEMORY:
-                self._cmds.client(cid, self._in_memory_msg(ts))
+                self._tell_in_memory(cid, ts)
             elif ts.state is ERRED:
                 self._cmds.client(cid, self._erred_msg(ts))
             elif ts.state is RELEASED:
@@ -676,9 +676,8 @@ class SchedulerState:
                 if dts.waiting_on == 0:
                     recs[dts] = READY
         if ts.wanted_by:
-            msg = self._in_memory_msg(ts)
             for cid in ts.wanted_by:
-                self._cmds.client(cid, msg)
+                self._tell_in_memory(cid, ts)
         elif not ts.waiters:
             recs[ts] = RELEASED
         return recs
@@ -835,8 +834,8 @@ class SchedulerState:
 
     # -- messages ---------------------------------------------------------------
 
-    def _in_memory_msg(self, ts: SchedulerTask) -> m.KeyInMemory:
-        return m.KeyInMemory(ts.key, ts.id, [ws.address for ws in ts.who_has], ts.nbytes, ts.type_name)
+    def _tell_in_memory(self, cid: str, ts: SchedulerTask) -> None:
+        self._cmds.in_memory(cid, ts.key, ts.id, [ws.address for ws in ts.who_has], ts.nbytes, ts.type_name)
 
     def _erred_msg(self, ts: SchedulerTask) -> m.KeyErred:
         b = ts.blamed or ts
