@@ -211,6 +211,24 @@ def test_local_dependency_runs_before_its_dependent():
     assert run_ids(cmds) == [2]
 
 
+def test_task_sent_ahead_is_dropped_when_its_local_input_fails():
+    ws = make_state(nthreads=1)
+    sched(ws, execute(1), execute(2, deps=[1]), execute(3, deps=[2]))
+    exc = serialize(ValueError("boom"))
+    cmds = ws.handle([TaskFailed(1, exc, "tb")])
+    assert cmds.to_scheduler == [m.TaskErred(1, exc, "tb")]
+    assert not cmds.run
+    # 2 waited for 1, which will not come; the scheduler takes it back (or
+    # errs it), so the worker keeps nothing that could never run.
+    assert 1 not in ws.tasks and 2 not in ws.tasks
+    # Cancelling what is already gone is harmless; a retry starts afresh.
+    sched(ws, m.CancelTasks([2]))
+    cmds = sched(ws, execute(1), execute(2, deps=[1]))
+    assert run_ids(cmds) == [1]
+    cmds = ws.handle([TaskCompleted(1, 8)])
+    assert run_ids(cmds) == [2]
+
+
 def test_dependency_already_in_memory_makes_task_ready_at_once():
     ws = make_state()
     sched(ws, execute(1))

@@ -59,6 +59,7 @@ class SchedulerState:
         queue_seconds: float = 0.05,
         queue_max: int = 1024,
         queue_bytes: int = 64 * 2**20,
+        eager: bool = True,
         allowed_failures: int = 3,
         worker_ttl: float | None = None,
         validate: bool = False,
@@ -75,6 +76,12 @@ class SchedulerState:
         self.queue_seconds = queue_seconds
         self.queue_max = max(queue_max, queue_ahead)
         self.queue_bytes = queue_bytes
+        # Send a task ahead to the worker that is running all of its missing
+        # inputs: it starts there the moment they finish, without a round
+        # trip through the scheduler (chains, and reductions over co-located
+        # inputs).  Taken back (``_retract_ahead``) if an input does not finish there.
+        self.eager = eager
+        self._ahead: list = []  # tasks whose dependents may now go ahead
         self.allowed_failures = allowed_failures
         self.worker_ttl = worker_ttl
         self.validate_each = validate
@@ -138,6 +145,8 @@ class SchedulerState:
         if self._resources_freed:
             self._retry_unrunnable()
         self._drain_queue()
+        if self._ahead:
+            self._send_ahead()
         self._cmds = Commands()
         if self.validate_each:
             self.validate()
@@ -454,6 +463,7 @@ class SchedulerState:
         recs: dict = {}
         if ts.retries > 0:
             ts.retries -= 1
+            self._retract_ahead(ts, recs)
             recs[ts] = WAITING
         else:
             self._mark_erred(ts, ts, msg.exception, msg.traceback, recs)
@@ -508,6 +518,7 @@ class SchedulerState:
                 ts.processing_on = None
                 self._free_resources(ts, ws)
                 ts.state = RELEASED
+                self._retract_ahead(ts, recs)
                 recs[ts] = WAITING
         self._worker_room(ws)
         self._transitions(recs)
@@ -531,6 +542,8 @@ class SchedulerState:
         ts.state = WAITING
         if n == 0:
             recs[ts] = READY
+        elif self.eager:
+            self._ahead.append(ts)
         return recs
 
     def _waiting_to_ready(self, ts: SchedulerTask) -> dict:
@@ -603,6 +616,8 @@ class SchedulerState:
         if len(ws.processing) >= ws.room:
             self.idle.discard(ws)
         deps = ts.dependencies
+        if self.eager and ts.dependents:
+            self._ahead.append(ts)
         func = ts.func
         if func:
             fid = ws.functions.get(func)
@@ -644,6 +659,39 @@ class SchedulerState:
                     self._send(ts, ws)
                     share -= 1
 
+    def _send_ahead(self) -> None:
+        """Send waiting tasks ahead where all their missing inputs are running."""
+        stack = self._ahead
+        while stack:
+            ts = stack.pop()
+            for t in (ts, *ts.dependents) if ts.state is not WAITING else (ts,):
+                if t.state is WAITING and t.workers is None and t.resources is None:
+                    ws = self._ahead_target(t)
+                    if ws is not None:
+                        self._send(t, ws)  # queues its own dependents in turn
+
+    @staticmethod
+    def _ahead_target(ts: SchedulerTask) -> WorkerRecord | None:
+        """The one worker running every input of ``ts`` not yet in memory, if it has room."""
+        target = None
+        for dep in ts.dependencies:
+            state = dep.state
+            if state is MEMORY:
+                continue
+            if state is not PROCESSING or (target is not None and dep.processing_on is not target):
+                return None
+            target = dep.processing_on
+        if target is None or len(target.processing) >= target.room:
+            return None
+        return target
+
+    def _retract_ahead(self, ts: SchedulerTask, recs: dict) -> None:
+        """``ts`` left its worker unfinished: take back the dependents sent
+        ahead to wait for it there (they wait for it again, wherever it goes)."""
+        for dts in ts.dependents:
+            if dts.state is PROCESSING and dts.processing_on is not None:
+                self._reset_processing(dts, recs)
+
     def _worker_room(self, ws: WorkerRecord) -> None:
         if ws.wid in self.workers and len(ws.processing) < ws.room:
             self.idle.add(ws)
@@ -675,6 +723,8 @@ class SchedulerState:
                 dts.waiting_on -= 1
                 if dts.waiting_on == 0:
                     recs[dts] = READY
+                elif self.eager:
+                    self._ahead.append(dts)
         if ts.wanted_by:
             for cid in ts.wanted_by:
                 self._tell_in_memory(cid, ts)
@@ -799,6 +849,7 @@ class SchedulerState:
         self._worker_room(ws)
         self._cancel_on(ws.wid, ts.id)
         ts.state = RELEASED  # stays among its dependencies' waiters
+        self._retract_ahead(ts, recs)
         recs[ts] = WAITING
 
     def _mark_erred(self, ts: SchedulerTask, blamed: SchedulerTask, exception, traceback: str, recs: dict) -> None:

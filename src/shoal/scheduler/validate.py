@@ -47,7 +47,9 @@ def validate_state(state: "SchedulerState") -> None:
             ws = ts.processing_on
             check(ws is not None and ws.wid in state.workers and ts in ws.processing, "processing on unknown worker", ts)
             for dep in ts.dependencies:
-                check(dep.state is MEMORY, "processing before its inputs exist", ts)
+                # Sent ahead: an input may still be running on the same worker.
+                ok = dep.state is MEMORY or (dep.state is PROCESSING and dep.processing_on is ws)
+                check(ok, "processing before its inputs exist", ts)
         else:
             check(ts.processing_on is None, "processing_on set outside processing", ts)
         if ts.state is WAITING:

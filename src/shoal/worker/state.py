@@ -323,6 +323,14 @@ class WorkerState:
         self.executing.discard(ts)
         if ts.state is not CANCELLED:
             self._cmds.to_scheduler.append(m.TaskErred(ts.id, ev.exception, ev.traceback))
+            # Tasks sent ahead to wait for this one cannot run: the scheduler
+            # takes them back (or errs them); drop them now.
+            stack = [ts]
+            while stack:
+                for dts in list(stack.pop().dependents):
+                    if dts.state is WAITING:
+                        stack.append(dts)
+                        self._drop(dts)
         elif self._needed_here(ts):
             # Released, then needed again as another task's input: fetch it
             # from the holders the scheduler named.
