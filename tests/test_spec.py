@@ -18,6 +18,7 @@ from shoal.spec import (
     cull,
     dependencies,
     dependents,
+    fuse_linear,
     order,
     validate_graph,
 )
@@ -395,3 +396,75 @@ def test_order_of_shuffled_tree_still_runs_each_add_right_after_its_inputs():
 def test_order_takes_roots_in_insertion_order():
     graph = {k: DataNode(k, 0) for k in ["z", "y", "x"]}
     assert order(graph) == {"z": 0, "y": 1, "x": 2}
+
+
+# -- linear fusion ----------------------------------------------------------------------
+
+
+def _run(graph: dict) -> dict:
+    """Evaluate a graph locally, dependencies first."""
+    data: dict = {}
+    for key in sorted(graph, key=order(graph).__getitem__):
+        data[key] = graph[key](data)
+    return data
+
+
+def _chain(n: int) -> dict:
+    graph = {"c0": Task("c0", inc, 0)}
+    for i in range(1, n):
+        graph[f"c{i}"] = Task(f"c{i}", inc, TaskRef(f"c{i - 1}"))
+    return graph
+
+
+def test_linear_chain_fuses_into_one_task_with_the_same_result():
+    graph = _chain(5)
+    fused = fuse_linear(graph, ["c4"])
+    assert list(fused) == ["c4"]
+    assert fused["c4"].dependencies == frozenset()
+    assert _run(fused)["c4"] == _run(graph)["c4"] == 5
+    assert pickle.loads(pickle.dumps(fused["c4"]))({}) == 5
+
+
+def test_wanted_keys_and_branches_are_not_fused_away():
+    graph = _chain(4)
+    graph["side"] = Task("side", inc, TaskRef("c1"))  # c1 now has two dependents
+    fused = fuse_linear(graph, ["c3", "side", "c2"])
+    # c0 fuses into c1; c1 (two readers) and c2 (wanted) stay.
+    assert set(fused) == {"c1", "c2", "c3", "side"}
+    assert fused["c1"].dependencies == frozenset()
+    out = _run(fused)
+    assert (out["c3"], out["side"]) == (4, 3)
+
+
+def test_tasks_with_different_annotations_are_not_fused():
+    graph = _chain(3)
+    fused = fuse_linear(graph, ["c2"], {"c0": {"retries": 2}})
+    assert set(fused) == {"c0", "c2"}  # c1 fused into c2; c0 keeps its retries
+    assert fused["c2"].dependencies == frozenset({"c0"})
+
+
+def test_input_read_twice_is_not_fused_or_it_would_run_twice():
+    graph = {"x": Task("x", inc, 1), "y": Task("y", add, TaskRef("x"), TaskRef("x"))}
+    assert set(fuse_linear(graph, ["y"])) == {"x", "y"}
+
+
+def test_fused_depth_is_capped_and_long_chains_still_round_trip():
+    graph = _chain(100)
+    fused = fuse_linear(graph, ["c99"], max_depth=32)
+    assert 4 <= len(fused) <= 5
+    assert _run(fused)["c99"] == 100
+    for node in fused.values():
+        assert pickle.loads(cloudpickle.dumps(node)).key == node.key
+
+
+def test_fusion_leaves_aliases_data_and_multi_input_tasks_alone():
+    graph = {
+        "d": DataNode("d", 3),
+        "a": Alias("a", "d"),
+        "x": Task("x", inc, TaskRef("a")),
+        "y": Task("y", inc, 1),
+        "z": Task("z", add, TaskRef("x"), TaskRef("y")),
+    }
+    fused = fuse_linear(graph, ["z"])
+    assert set(fused) == set(graph)
+    assert _run(fused)["z"] == 6

@@ -34,6 +34,7 @@ __all__ = [
     "validate_graph",
     "order",
     "cull",
+    "fuse_linear",
     "find_cycle",
 ]
 
@@ -333,4 +334,86 @@ def cull(graph: Mapping[Key, Node], keys: Iterable[Key]) -> dict[Key, Node]:
         node = graph[k]
         out[k] = node
         stack.extend(node.dependencies)
+    return out
+
+
+def _count_refs(obj: Any, key: Key) -> int:
+    """How many times ``obj`` reads ``key`` (nested tasks included)."""
+    t = type(obj)
+    if t is TaskRef:
+        return 1 if obj.key == key else 0
+    if t is Task:
+        return _count_refs(obj.args, key) + _count_refs(obj.kwargs, key)
+    if t is list or t is tuple or t is set or t is frozenset:
+        return sum(_count_refs(x, key) for x in obj)
+    if t is dict:
+        return sum(_count_refs(x, key) for x in obj.values())
+    return 0
+
+
+def _inline(obj: Any, key: Key, node: "Task") -> Any:
+    """``obj`` with ``TaskRef(key)`` replaced by the nested task ``node``."""
+    t = type(obj)
+    if t is TaskRef:
+        return node if obj.key == key else obj
+    if t is Task:
+        return Task(obj.key, obj.func, *_inline(obj.args, key, node), **_inline(obj.kwargs, key, node))
+    if t is list:
+        return [_inline(x, key, node) for x in obj]
+    if t is tuple:
+        return tuple([_inline(x, key, node) for x in obj])
+    if t is dict:
+        return {k: _inline(v, key, node) for k, v in obj.items()}
+    if t is set or t is frozenset:
+        return t(_inline(x, key, node) for x in obj)
+    return obj
+
+
+def fuse_linear(
+    graph: Mapping[Key, Node],
+    keep: Iterable[Key],
+    annotations: Mapping[Key, Any] | None = None,
+    *,
+    max_depth: int = 32,
+    priorities: Mapping[Key, int] | None = None,
+) -> dict[Key, Node]:
+    """Fuse linear chains: a task read once, by its only dependent, runs
+    inside that dependent (as a nested task) instead of as a task of its own.
+
+    Keys in ``keep`` (what the caller wants) are never fused away, nor are
+    tasks whose annotations (``annotations[key]``: priority, retries,
+    resources, restrictions ...) differ from their dependent's -- fusing
+    must not change where or how anything runs.  A fused task nests at most
+    ``max_depth`` tasks, so running and pickling it stays far from Python's
+    recursion limit.  ``priorities`` (``order(graph)``, if the caller has
+    it) gives a topological order.  Returns a new graph; nodes are not modified.
+    """
+    keep = set(keep)
+    annotations = annotations or {}
+    dents = dependents(graph)
+    out: dict = dict(graph)
+    depth: dict = {}
+    prio = priorities if priorities is not None else order(graph)
+    for key in sorted(graph, key=prio.__getitem__):  # dependencies first
+        node = out[key]
+        if type(node) is not Task:
+            continue
+        inner = [d for d in node.dependencies if d in out]
+        if len(inner) != 1:
+            continue
+        (d,) = inner
+        dn = out[d]
+        if (
+            type(dn) is not Task
+            or d in keep
+            or len(dents[d]) != 1
+            or annotations.get(d) != annotations.get(key)
+            or depth.get(d, 1) + depth.get(key, 1) > max_depth
+            or _count_refs((node.args, node.kwargs), d) != 1
+        ):
+            continue
+        nested = Task(None, dn.func, *dn.args, **dn.kwargs)
+        out[key] = Task(key, node.func, *_inline(node.args, d, nested), **_inline(node.kwargs, d, nested))
+        depth[key] = depth.pop(d, 1) + depth.get(key, 1)
+        del out[d]
     return out

@@ -457,3 +457,20 @@ def test_two_clients_share_a_cluster_and_a_key(cluster):
         a.close()
         # b still holds the key: its data survives a's departure.
         assert b.submit(inc, fb).result(timeout=SHORT) == 12347
+
+
+def test_submitted_linear_chain_runs_fused_unless_asked_not_to(client):
+    from shoal.spec import Task, TaskRef
+
+    graph = {"link-0": Task("link-0", inc, 0)}
+    for i in range(1, 40):
+        graph[f"link-{i}"] = Task(f"link-{i}", inc, TaskRef(f"link-{i - 1}"))
+    (fut,) = client.submit_graph(graph, ["link-39"])
+    assert fut.result(timeout=SHORT) == 40
+    # Fused: the scheduler only ever knew the tasks left after fusion.
+    assert client.scheduler_info()["n_tasks"] <= 2
+    del fut
+    wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, "release")
+    (fut,) = client.submit_graph(graph, ["link-39"], fuse=False)
+    assert fut.result(timeout=SHORT) == 40
+    assert client.scheduler_info()["n_tasks"] == 40  # every link, for lineage

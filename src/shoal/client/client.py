@@ -451,16 +451,29 @@ class Client:
             self._send(m.SubmitGraph(specs, keys_now, functions))
         return futures
 
-    def submit_graph(self, graph: dict, keys: Iterable, *, priorities: dict | None = None, annotations: dict | None = None) -> list[Future]:
+    def submit_graph(
+        self,
+        graph: dict,
+        keys: Iterable,
+        *,
+        priorities: dict | None = None,
+        annotations: dict | None = None,
+        fuse: bool = True,
+    ) -> list[Future]:
         """Submit a ``{key: spec.Node}`` graph; return futures for ``keys``.
 
         Keys the graph references but does not define must be held by futures
-        of this client (or be known to the scheduler)."""
+        of this client (or be known to the scheduler).  With ``fuse``, linear
+        chains of tasks that nothing else reads run as one task
+        (:func:`shoal.spec.fuse_linear`; annotations are respected)."""
+        from ..spec import fuse_linear
         from ..spec import order as graph_order
 
         keys = list(keys)
         prio = priorities if priorities is not None else graph_order(graph)
         annotations = annotations or {}
+        if fuse:
+            graph = fuse_linear(graph, keys, annotations, priorities=prio)
         specs = []
         functions: dict = {}
         for k, node in graph.items():
