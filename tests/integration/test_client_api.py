@@ -470,7 +470,7 @@ def test_submitted_linear_chain_runs_fused_unless_asked_not_to(client):
     # Fused: the scheduler only ever knew the tasks left after fusion.
     assert client.scheduler_info()["n_tasks"] <= 2
     del fut
-    wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, "release")
+    wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, message="the fused chain released")
     (fut,) = client.submit_graph(graph, ["link-39"], fuse=False)
     assert fut.result(timeout=SHORT) == 40
     assert client.scheduler_info()["n_tasks"] == 40  # every link, for lineage
