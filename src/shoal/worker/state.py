@@ -43,6 +43,8 @@ class WTState(enum.Enum):
     CANCELLED = "cancelled"
     MEMORY = "memory"
 
+    __hash__ = object.__hash__  # singletons: identity hashing, in C (see scheduler.records)
+
 
 FETCH = WTState.FETCH
 FLIGHT = WTState.FLIGHT
