@@ -435,16 +435,18 @@ class SchedulerState:
 
     def _on_data_missing(self, ws: WorkerRecord, msg: m.DataMissing) -> None:
         ts = self.by_id.get(msg.id)
-        holder = self.workers.get(msg.holder)
-        if ts is None or holder is None or holder not in ts.who_has:
+        if ts is None:
             return
-        ts.who_has.discard(holder)
-        holder.has_what.discard(ts)
-        holder.nbytes -= ts.nbytes
+        holder = self.workers.get(msg.holder)
         recs: dict = {}
-        if not ts.who_has and ts.state is MEMORY:
-            self._data_lost(ts, recs)
-        elif msg.stuck:
+        if holder is not None and holder in ts.who_has:
+            ts.who_has.discard(holder)
+            holder.has_what.discard(ts)
+            holder.nbytes -= ts.nbytes
+            if not ts.who_has and ts.state is MEMORY:
+                self._data_lost(ts, recs)
+        # (A holder already removed was forgotten with its worker.)
+        if msg.stuck and ts.state is MEMORY:
             # Other holders exist that the worker was never told of: re-send
             # its tasks that need this input, with the current holders.
             for dts in list(ts.waiters):

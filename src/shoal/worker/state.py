@@ -270,6 +270,9 @@ class WorkerState:
             for ts in self.to_fetch:
                 if wid in ts.who_has:
                     ts.who_has.remove(wid)
+                    if not ts.who_has:
+                        # The scheduler may know holders we were never told of.
+                        self._cmds.to_scheduler.append(m.DataMissing(ts.id, wid, True))
             if wid in self.in_flight:
                 # Gone (dead, or dropped by the scheduler for silence): its
                 # answer may never come, so do not wait for it.
