@@ -302,3 +302,31 @@ def test_stale_spill_directories_of_dead_processes_are_purged(tmp_path):
         os.makedirs(os.path.join(d, "0"))
     assert purge_stale_spill(str(tmp_path)) == [stale]
     assert not os.path.exists(stale) and os.path.exists(mine)
+
+
+# -- when a data server answers "busy" ---------------------------------------------------------
+
+
+class FakeComm:
+    def __init__(self, unsent=0, queued=False):
+        self.unsent_bytes = unsent
+        self.sending = queued or unsent > 0
+
+
+def test_busy_rule_paused_sends_one_thing_at_a_time_otherwise_caps_unsent_bytes():
+    from shoal.worker.server import Worker
+
+    w = Worker("tcp://127.0.0.1:1", memory_limit=400 * MB)
+    assert w.max_outgoing_bytes == 100 * MB  # a quarter of the limit
+    me = FakeComm()
+    w._data_comms = {me, FakeComm(unsent=60 * MB), FakeComm(queued=True)}
+    assert not w._too_busy_for(me)
+    w._data_comms.add(FakeComm(unsent=50 * MB))
+    assert w._too_busy_for(me)  # 110 MB waiting to go to others
+    w.state.paused = True
+    w._data_comms = {me, FakeComm(queued=True)}
+    assert w._too_busy_for(me)  # paused: anything under way is enough
+    w._data_comms = {FakeComm(unsent=5 * MB)}
+    assert not w._too_busy_for(w._data_comms.copy().pop())  # its own backlog does not count
+    w._data_comms = {me}
+    assert not w._too_busy_for(me)  # nothing else under way: always served
