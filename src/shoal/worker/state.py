@@ -187,7 +187,11 @@ def _by_priority(ts: WorkerTask) -> tuple:
 class WorkerState:
     def __init__(self, nthreads: int = 1, *, memory: MemoryLimits | None = None, validate: bool = False):
         self.nthreads = nthreads
-        self.limits = memory or MemoryLimits()
+        self.limits = limits = memory or MemoryLimits()
+        # Thresholds in bytes; None where that step is off.
+        self._target = limits.bytes(limits.target)
+        self._spill_at = limits.bytes(limits.spill)
+        self._pause_at = limits.bytes(limits.pause)
         # Every value held (state MEMORY), in memory or on disk.
         self.residency = Residency()
         self.paused = False
@@ -500,14 +504,12 @@ class WorkerState:
 
     def _on_memory_sampled(self, ev: MemorySampled) -> None:
         self.rss = ev.rss
-        limits = self.limits
-        spill_at = limits.bytes(limits.spill)
+        spill_at, pause_at = self._spill_at, self._pause_at
         if spill_at is not None and ev.rss > spill_at:
             # Freed memory shows in RSS only later: move what should bring
             # it back to the target, and look again at the next sample.
-            goal = limits.bytes(limits.target) or spill_at
+            goal = self._target or spill_at
             self._spill(self.residency.evict(ev.rss - goal))
-        pause_at = limits.bytes(limits.pause)
         if pause_at is None:
             return
         if not self.paused and ev.rss > pause_at:
@@ -526,7 +528,7 @@ class WorkerState:
             self.residency.pin(tid)
 
     def _spill_over_target(self) -> None:
-        target = self.limits.bytes(self.limits.target)
+        target = self._target
         if target is not None and self.residency.fast_bytes > target:
             self._spill(self.residency.evict(self.residency.fast_bytes - target))
 
@@ -667,4 +669,4 @@ class WorkerState:
         check(len(res) == len(held) and all(tid in res for tid in held), "residency differs from data held")
         res.check()
         check(res.fast_bytes + res.slow_bytes == sum(held.values()), "bytes held out of sync")
-        check(not (self.paused and self.limits.bytes(self.limits.pause) is None), "paused without a pause threshold")
+        check(not (self.paused and self._pause_at is None), "paused without a pause threshold")
