@@ -275,7 +275,9 @@ def test_task_past_the_memory_limit_restarts_its_worker_and_fails_after_the_cras
             hog.result(timeout=STARTUP * 2)
         msg = str(info.value)
         assert "hog_memory" in msg and "4 times" in msg
-        assert "of memory for a 300.00 MiB limit" in msg  # why, in the error itself
+        # (When the worker saw its memory pass the pause threshold before its
+        # supervisor killed it, the error also says how much it used: a race
+        # between two samplers, so not asserted here; see test_scheduler_memory.)
         # The supervisors restarted each killed worker: the cluster still works.
         client.wait_for_workers(2, timeout=STARTUP)
         assert memory_cluster.worker_pids() != before
