@@ -455,8 +455,9 @@ class Worker:
     def _too_busy_for(self, comm: Comm) -> bool:
         """Whether to answer a peer's request "busy" instead of sending.
 
-        Only what other peers are still being sent counts, so each peer is
-        served when nothing else is under way: "busy" delays, never starves.
+        Only what other peers are still being sent counts: a request that
+        finds nothing else under way is always served, so "busy" delays a
+        transfer (the fetcher asks another holder or waits), never refuses it.
         """
         others = [c for c in self._data_comms if c is not comm and c.sending]
         if self.state.paused:
