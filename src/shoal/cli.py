@@ -98,13 +98,13 @@ def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: floa
 @click.option("--name", default=None, help="Worker name (suffixed -0, -1, ... with --nworkers > 1).")
 @click.option("--memory-limit", default="auto", show_default=True,
               help="Bytes per worker, e.g. 4GB; auto = memory / nworkers; 0 = no limit.")
-@click.option("--memory-target", default=0.6, show_default=True, type=float,
+@click.option("--memory-target", default=0.6, show_default=True, type=click.FloatRange(0, 1),
               help="Move results to disk once they take this fraction of the limit (0: never).")
-@click.option("--memory-spill", default=0.7, show_default=True, type=float,
+@click.option("--memory-spill", default=0.7, show_default=True, type=click.FloatRange(0, 1),
               help="Move results to disk while the process uses this fraction of the limit (0: never).")
-@click.option("--memory-pause", default=0.8, show_default=True, type=float,
+@click.option("--memory-pause", default=0.8, show_default=True, type=click.FloatRange(0, 1),
               help="Start no task and fetch nothing above this fraction of the limit (0: never).")
-@click.option("--memory-terminate", default=0.95, show_default=True, type=float,
+@click.option("--memory-terminate", default=0.95, show_default=True, type=click.FloatRange(0, 1),
               help="The supervisor restarts a worker above this fraction of the limit (0: never).")
 @click.option("--local-directory", default=None, help="Where workers spill to disk (default: the system's temp dir).")
 @click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
