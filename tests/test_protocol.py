@@ -34,6 +34,7 @@ SAMPLES = [
     m.RegisterWorker("w-1", "tcp://10.0.0.1:4000", 8, 2**34, {"GPU": 1.0}, 1234, 2),
     m.RegisterClient("client-abc", "my client", 3),
     m.PeerHello("peer", 2),
+    m.PeerHello("worker", 1, "tcp://127.0.0.1:4000"),
     m.SubmitGraph(
         [
             m.TaskSpec("a", [], P1, 3, 5, 2, ["w-1"], True, {"GPU": 0.5}, True, "tok"),
@@ -48,6 +49,7 @@ SAMPLES = [
     m.CloseClient(),
     m.RetireWorkers(7, ["w-1", "tcp://x:1"]),
     m.RequestInfo(8),
+    m.RequestInfo(9, validate=True),
     m.Welcome("sched-1", ["tcp://a:1"]),
     m.KeysInMemory(["k", "j"], [12, 13], [[0], [0, 1]], ["tcp://a:1", "tcp://b:2"], [100, 8], ["ndarray", "int"]),
     m.KeyErred("k", P1, "Traceback ...", "blamed-key"),
@@ -62,6 +64,9 @@ SAMPLES = [
     m.DataAcquired([1, 2], [10, 20]),
     m.DataMissing(4, 2, True),
     m.WorkerHeartbeat(2**33, 3, 4),
+    m.WorkerHeartbeat(2**33, 3, 4, 2**30, 2**31, 7, 2**34, 2**33 + 1),
+    m.WorkerPaused(2**32),
+    m.WorkerResumed(2**31),
     m.TasksRejected([5, 6]),
     m.TasksStarted([7, 8]),
     m.WorkerClosing("stopped by signal"),
@@ -75,6 +80,7 @@ SAMPLES = [
     m.CloseWorker("bye"),
     m.GetData(11, [1, 2, 3]),
     m.DataResponse(11, [1, 2], [P1, P3], [3], {4: "cannot pickle"}),
+    m.DataResponse(12, [], [], busy=True),
 ]
 
 UNIONS = {"ToScheduler": m.ToScheduler, "ToWorker": m.ToWorker, "ToClient": m.ToClient}

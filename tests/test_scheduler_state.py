@@ -1460,7 +1460,10 @@ def test_snapshot_counts_tasks_by_state_and_per_worker():
     submit(s, {"a": [], "b": [], "c": ["a"]}, wanted=["b", "c"])
     snap = s.snapshot()
     assert snap["tasks"] == {"processing": 1, "queued": 1, "waiting": 1}
-    assert snap["workers"] == {"w1": {"processing": 1, "stored": 0, "nbytes": 0}}
+    w1 = snap["workers"]["w1"]
+    assert {k: w1[k] for k in ("processing", "stored", "nbytes", "paused")} == {
+        "processing": 1, "stored": 0, "nbytes": 0, "paused": False
+    }
     assert snap["clients"] == 1 and snap["queued"] == 1
 
 

@@ -324,11 +324,12 @@ def test_fetch_prefers_inputs_of_higher_priority_tasks():
     assert ids == [2, 1]
 
 
-def test_unsolicited_data_is_forgotten():
+def test_unsolicited_data_is_not_accepted():
     ws = make_state()
     sched(ws, execute(10, deps=[1], who_has=[[1]]))
     cmds = ws.handle([FetchSucceeded(1, [1, 77], [10, 20])])
-    assert cmds.forget == [77]
+    assert cmds.accept == {1}  # the reactor stores only these; 77 is dropped
+    assert cmds.forget == []
     assert of_type(cmds, m.DataAcquired) == [m.DataAcquired([1], [10])]
     assert 77 not in ws.tasks
 
@@ -610,10 +611,24 @@ def test_task_assigned_here_while_its_value_is_in_flight_runs_if_fetch_fails():
     ws = make_state(nthreads=2)
     cmds = sched(ws, execute(10, deps=[1], who_has=[[1]]))
     assert fetches(cmds) == {1: {1}}
-    # Peer 1 dies; the scheduler recomputes 1 here (it has no inputs).
-    sched(ws, m.PeersChanged([], [1]), execute(1))
+    # The scheduler recomputes 1 here (it has no inputs) while the transfer runs.
+    sched(ws, execute(1))
     cmds = ws.handle([FetchFailed(1, [1], "peer gone")])
     assert run_ids(cmds) == [1]
+
+
+def test_peer_removed_while_fetching_from_it_is_not_waited_for():
+    ws = make_state()
+    cmds = sched(ws, execute(10, deps=[1], who_has=[[1, 2]]))
+    assert fetches(cmds) == {1: {1}}
+    # Peer 1 left (or went silent and was dropped): its answer may never come.
+    cmds = sched(ws, m.PeersChanged([], [1]))
+    assert fetches(cmds) == {2: {1}}
+    # A late answer from it is not taken.
+    cmds = ws.handle([FetchSucceeded(1, [1], [10])])
+    assert not cmds.accept and ws.tasks[1].state is FLIGHT
+    cmds = ws.handle([FetchSucceeded(2, [1], [10])])
+    assert cmds.accept == {1} and run_ids(cmds) == [10]
 
 
 def test_define_and_release_shared_functions():

@@ -96,7 +96,17 @@ def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: floa
 @click.option("--nthreads", default=1, show_default=True, type=int, help="Threads per worker process.")
 @click.option("--nworkers", default=1, show_default=True, type=int, help="Worker processes to start.")
 @click.option("--name", default=None, help="Worker name (suffixed -0, -1, ... with --nworkers > 1).")
-@click.option("--memory-limit", default="auto", show_default=True, help="Bytes per worker, e.g. 4GB; auto = memory / nworkers.")
+@click.option("--memory-limit", default="auto", show_default=True,
+              help="Bytes per worker, e.g. 4GB; auto = memory / nworkers; 0 = no limit.")
+@click.option("--memory-target", default=0.6, show_default=True, type=click.FloatRange(0, 1),
+              help="Move results to disk once they take this fraction of the limit (0: never).")
+@click.option("--memory-spill", default=0.7, show_default=True, type=click.FloatRange(0, 1),
+              help="Move results to disk while the process uses this fraction of the limit (0: never).")
+@click.option("--memory-pause", default=0.8, show_default=True, type=click.FloatRange(0, 1),
+              help="Start no task and fetch nothing above this fraction of the limit (0: never).")
+@click.option("--memory-terminate", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+              help="The supervisor restarts a worker above this fraction of the limit (0: never).")
+@click.option("--local-directory", default=None, help="Where workers spill to disk (default: the system's temp dir).")
 @click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface for the worker's data server.")
 @click.option("--zero", is_flag=True, help="Report tasks finished without running them (measures runtime overhead).")
@@ -109,6 +119,11 @@ def worker(
     nworkers: int,
     name: str | None,
     memory_limit: str,
+    memory_target: float,
+    memory_spill: float,
+    memory_pause: float,
+    memory_terminate: float,
+    local_directory: str | None,
     resources: str,
     host: str,
     zero: bool,
@@ -122,8 +137,19 @@ def worker(
     else:
         limit = parse_bytes(memory_limit)
     res = parse_resources(resources)
+    memory = {
+        "memory_target": memory_target,
+        "memory_spill": memory_spill,
+        "memory_pause": memory_pause,
+        "memory_terminate": memory_terminate,
+    }
     if nanny or nworkers > 1:
-        sys.exit(_supervise(scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero))
+        sys.exit(
+            _supervise(
+                scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero,
+                memory=memory, local_directory=local_directory,
+            )
+        )
     install_uvloop()
     _tune_gc()
     from .worker.server import Worker
@@ -132,7 +158,15 @@ def worker(
 
     async def start():
         w = Worker(
-            scheduler_address, nthreads=nthreads, name=name, memory_limit=limit, resources=res, host=host, zero=zero
+            scheduler_address,
+            nthreads=nthreads,
+            name=name,
+            memory_limit=limit,
+            resources=res,
+            host=host,
+            zero=zero,
+            local_directory=local_directory,
+            **memory,
         )
         await w.start()
         started.append(w)
@@ -155,8 +189,11 @@ def worker(
     os._exit(EXIT_SCHEDULER_GONE if lost else EXIT_CLOSED)
 
 
-def _supervise(address, n, nthreads, name, limit, resources, host, log_level, zero=False) -> int:
-    """Run ``n`` worker processes under a supervisor that restarts crashed ones."""
+def _supervise(
+    address, n, nthreads, name, limit, resources, host, log_level, zero=False, *, memory: dict, local_directory=None
+) -> int:
+    """Run ``n`` worker processes under a supervisor that restarts crashed ones
+    (and those past the memory limit)."""
     from .worker.nanny import Supervisor
 
     base = name or f"{os.uname().nodename}-{os.getpid()}"
@@ -165,12 +202,19 @@ def _supervise(address, n, nthreads, name, limit, resources, host, log_level, ze
         wname = base if (n == 1 and name) else f"{base}-{i}"
         args = ["worker", address, "--no-nanny", "--nthreads", str(nthreads), "--name", wname,
                 "--memory-limit", str(limit), "--host", host, "--log-level", log_level]
+        for option, value in memory.items():
+            args += [f"--{option.replace('_', '-')}", str(value)]
+        if local_directory:
+            args += ["--local-directory", local_directory]
         if resources:
             args += ["--resources", resources]
         if zero:
             args.append("--zero")
         arg_lists.append(args)
-    return Supervisor(arg_lists).run()
+    supervisor = Supervisor(
+        arg_lists, memory_limit=limit, terminate=memory["memory_terminate"], local_directory=local_directory
+    )
+    return supervisor.run()
 
 
 @main.command()

@@ -688,14 +688,16 @@ class Client:
 
     # -- cluster information ---------------------------------------------------------------
 
-    def scheduler_info(self) -> dict:
-        """The scheduler's task counts by state, workers, and process/wire counters."""
+    def scheduler_info(self, validate: bool = False) -> dict:
+        """The scheduler's task counts by state, workers, and process/wire
+        counters; with ``validate``, ``"invariants"`` says whether its state
+        is consistent ("ok") or names the first broken invariant."""
 
         async def ask():
             rid = next(self._request_ids)
             fut = asyncio.get_running_loop().create_future()
             self._requests[rid] = fut
-            self._comm.send(m.RequestInfo(rid))
+            self._comm.send(m.RequestInfo(rid, validate))
             async with asyncio.timeout(self.timeout):
                 return await fut
 

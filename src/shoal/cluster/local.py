@@ -88,6 +88,11 @@ class LocalCluster:
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
         memory_limit: str | int = "auto",
+        memory_target: float = 0.6,
+        memory_spill: float = 0.7,
+        memory_pause: float = 0.8,
+        memory_terminate: float = 0.95,
+        local_directory: str | None = None,
         resources: dict | None = None,
         timeout: float = 30.0,
         worker_names: list[str] | None = None,
@@ -103,6 +108,15 @@ class LocalCluster:
             self.memory_limit = psutil.virtual_memory().total // max(1, self.n_workers)
         else:
             self.memory_limit = parse_bytes(memory_limit)
+        # Fractions of the limit: spill results, spill on process memory,
+        # pause, restart (see shoal.worker.memory).
+        self.memory_fractions = {
+            "memory_target": memory_target,
+            "memory_spill": memory_spill,
+            "memory_pause": memory_pause,
+            "memory_terminate": memory_terminate,
+        }
+        self.local_directory = local_directory
         self.resources = dict(resources or {})
         self.worker_names = worker_names or [f"local-{i}" for i in range(self.n_workers)]
         if len(self.worker_names) != self.n_workers:
@@ -172,6 +186,10 @@ class LocalCluster:
                 "--log-level",
                 self.log_level,
             ]
+            for option, value in self.memory_fractions.items():
+                args += [f"--{option.replace('_', '-')}", str(value)]
+            if self.local_directory:
+                args += ["--local-directory", self.local_directory]
             if res:
                 args += ["--resources", res]
             if self.zero:
@@ -200,6 +218,12 @@ class LocalCluster:
                     resources=self.resources,
                     host=self.host,
                     zero=self.zero,
+                    local_directory=self.local_directory,
+                    # The workers share this process: its memory is no
+                    # measure of any one of them, so only results' sizes
+                    # (the target fraction) drive spilling.
+                    memory_monitor_interval=0,
+                    **{k: v for k, v in self.memory_fractions.items() if k != "memory_terminate"},
                 )
                 await w.start()
                 workers.append(w)

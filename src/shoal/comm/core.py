@@ -137,6 +137,16 @@ class Comm:
 
     # -- flow control -------------------------------------------------------------
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes handed to the transport that the kernel has not taken yet."""
+        return 0
+
+    @property
+    def sending(self) -> bool:
+        """Whether anything queued here has not reached the kernel yet."""
+        return bool(self._outbox) or self.unsent_bytes > 0
+
     def pause_reading(self) -> None:
         """Stop taking input until ``resume_reading`` (the reactor has a backlog)."""
 

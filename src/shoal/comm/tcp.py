@@ -22,6 +22,11 @@ class TCPComm(Comm):
             return
         t.writelines(frames)
 
+    @property
+    def unsent_bytes(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+
     def pause_reading(self) -> None:
         t = self._transport
         if t is not None and not t.is_closing() and t.is_reading():

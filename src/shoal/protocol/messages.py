@@ -57,6 +57,9 @@ class PeerHello(Msg, tag=3):
 
     name: str
     version: int = 1
+    # A peer worker's own data-server address; empty for a client.  Only
+    # workers are ever answered "busy": their fetchers know how to wait.
+    address: str = ""
 
 
 # -- client -> scheduler --------------------------------------------------------
@@ -118,6 +121,7 @@ class RequestInfo(Msg, tag=16):
     """Ask the scheduler for a snapshot of its state and counters."""
 
     request_id: int
+    validate: bool = False  # also check every invariant of the scheduler's state
 
 
 # -- scheduler -> client --------------------------------------------------------
@@ -216,9 +220,25 @@ class DataMissing(Msg, tag=33):
 
 
 class WorkerHeartbeat(Msg, tag=34):
-    memory: int
+    memory: int  # the process's resident memory (RSS), bytes
     executing: int
     stored: int
+    managed: int = 0  # bytes of results held in memory (estimated by sizeof)
+    spilled: int = 0  # bytes of results held on disk now (their in-memory size)
+    spilled_count: int = 0  # results held on disk now
+    spilled_total: int = 0  # bytes ever moved to disk
+    peak_memory: int = 0  # the process's highest resident memory so far
+
+
+class WorkerPaused(Msg, tag=38):
+    """The worker's memory is past its pause threshold: it starts no task and
+    fetches nothing, and gave back the tasks it had not started (``TasksRejected``)."""
+
+    memory: int
+
+
+class WorkerResumed(Msg, tag=39):
+    memory: int
 
 
 class TasksStarted(Msg, tag=36):
@@ -309,6 +329,9 @@ class DataResponse(Msg, tag=51):
     payloads: list[Payload]
     missing: list[int] = []
     errors: dict[int, str] = {}  # ids held but not serializable, with why
+    # The holder is paused or already sending too much: nothing was sent; ask
+    # again later or ask another holder.
+    busy: bool = False
 
 
 ToScheduler = Union[
@@ -329,6 +352,8 @@ ToScheduler = Union[
     TasksRejected,
     TasksStarted,
     WorkerClosing,
+    WorkerPaused,
+    WorkerResumed,
 ]
 
 ToWorker = Union[
@@ -376,4 +401,6 @@ WORKER_TO_SCHEDULER = (
     TasksRejected,
     TasksStarted,
     WorkerClosing,
+    WorkerPaused,
+    WorkerResumed,
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from ..utils import format_bytes
+
 
 class TaskState(enum.Enum):
     RELEASED = "released"  # known, not needed now or not yet started; no data
@@ -118,6 +120,8 @@ class WorkerRecord:
         "room",
         "mean_duration",
         "mean_nbytes",
+        "paused",
+        "heartbeat",
     )
 
     def __init__(self, wid: int, name: str, address: str, nthreads: int, memory_limit: int, resources: dict, now: float):
@@ -143,10 +147,38 @@ class WorkerRecord:
         self.room = self.nthreads
         self.mean_duration = -1.0  # < 0: nothing measured yet
         self.mean_nbytes = 0.0
+        self.paused = False  # short of memory: runs nothing new, gets nothing new
+        self.heartbeat = None  # its latest WorkerHeartbeat (memory and spill figures)
 
     @property
     def load(self) -> float:
         return len(self.processing) / self.nthreads
+
+    def snapshot(self) -> dict:
+        hb = self.heartbeat
+        return {
+            "processing": len(self.processing),
+            "stored": len(self.has_what),
+            "nbytes": self.nbytes,
+            "paused": self.paused,
+            "memory": self.memory,
+            "memory_limit": self.memory_limit,
+            # As of its latest heartbeat:
+            "managed": hb.managed if hb else 0,
+            "spilled": hb.spilled if hb else 0,
+            "spilled_count": hb.spilled_count if hb else 0,
+            "spilled_total": hb.spilled_total if hb else 0,
+            "peak_memory": hb.peak_memory if hb else 0,
+        }
+
+    def memory_note(self) -> str:
+        """Why this worker may have died, when its memory points that way."""
+        if self.memory_limit and (self.paused or self.memory > 0.8 * self.memory_limit):
+            return (
+                f"; it last reported {format_bytes(self.memory)} of memory "
+                f"for a {format_bytes(self.memory_limit)} limit"
+            )
+        return ""
 
     def __repr__(self) -> str:
         return f"<WorkerRecord {self.wid} {self.name!r} {self.address} processing={len(self.processing)}>"

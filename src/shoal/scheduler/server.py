@@ -180,7 +180,7 @@ class Scheduler:
         while backlog and budget > 0:
             msg = backlog.popleft()
             if type(msg) is m.RequestInfo:
-                comm.send(m.Info(msg.request_id, self.info()))
+                comm.send(m.Info(msg.request_id, self.info(validate=msg.validate)))
                 continue
             batch.append(msg)
             if type(msg) is m.SubmitGraph:
@@ -195,8 +195,9 @@ class Scheduler:
             comm.info["draining"] = False
             comm.resume_reading()
 
-    def info(self) -> dict:
-        """State counts and wire/process counters, for clients and benchmarks."""
+    def info(self, validate: bool = False) -> dict:
+        """State counts and wire/process counters, for clients and benchmarks;
+        with ``validate``, also ``"invariants"``: "ok" or the first one broken."""
         proc = psutil.Process()
         cpu = proc.cpu_times()
         mem = proc.memory_info()
@@ -218,6 +219,12 @@ class Scheduler:
             }
         )
         self._lag_max = 0.0  # the longest stall since the previous info() call
+        if validate:
+            try:
+                self.state.validate()
+                snap["invariants"] = "ok"
+            except AssertionError as e:
+                snap["invariants"] = f"{type(e).__name__}: {e}"
         return snap
 
     def _on_worker_closed(self, comm: Comm, exc) -> None:

@@ -93,7 +93,8 @@ class SchedulerState:
         self.unrunnable: set[SchedulerTask] = set()
         # Graphs arriving in parts: client -> generation of the graph.
         self._partial: dict[str, int] = {}
-        self.idle: set[WorkerRecord] = set()  # workers below their queue limit
+        self.idle: set[WorkerRecord] = set()  # workers below their queue limit, not paused
+        self.n_paused = 0
         # Shared functions: token -> payload, and how many tasks name each.
         self.functions: dict[str, Any] = {}
         self.function_refs: dict[str, int] = {}
@@ -118,6 +119,8 @@ class SchedulerState:
             m.WorkerHeartbeat: self._on_heartbeat,
             m.TasksRejected: self._on_tasks_rejected,
             m.TasksStarted: self._on_tasks_started,
+            m.WorkerPaused: self._on_worker_paused,
+            m.WorkerResumed: self._on_worker_resumed,
         }
         self._client_msg: dict[type, Callable] = {
             m.SubmitGraph: self._on_submit_graph,
@@ -202,6 +205,9 @@ class SchedulerState:
         if ws is None:
             return
         self.idle.discard(ws)
+        if ws.paused:
+            self.n_paused -= 1
+        reason = ev.reason + ws.memory_note()
         self._cmds.to_workers.pop(ws.wid, None)
         for other in self.workers.values():
             self._cmds.worker(other.wid, m.PeersChanged([], [ws.wid]))
@@ -222,7 +228,7 @@ class SchedulerState:
             if ts.crashes > self.allowed_failures:
                 exc = KilledWorkerError(
                     f"task {ts.key!r} crashed its worker {ts.crashes} times "
-                    f"(last: {ws.name} at {ws.address}: {ev.reason})"
+                    f"(last: {ws.name} at {ws.address}: {reason})"
                 )
                 self._mark_erred(ts, ts, serialize(exc), "", recs)
             else:
@@ -232,7 +238,7 @@ class SchedulerState:
             if not ts.who_has and ts.state is MEMORY:
                 if ts.scattered:
                     exc = FutureLostError(
-                        f"scattered data {ts.key!r} was lost with worker {ws.name} ({ws.address}): {ev.reason}"
+                        f"scattered data {ts.key!r} was lost with worker {ws.name} ({ws.address}): {reason}"
                     )
                     self._data_lost(ts, recs)
                     ts.state = RELEASED
@@ -482,16 +488,18 @@ class SchedulerState:
 
     def _on_data_missing(self, ws: WorkerRecord, msg: m.DataMissing) -> None:
         ts = self.by_id.get(msg.id)
-        holder = self.workers.get(msg.holder)
-        if ts is None or holder is None or holder not in ts.who_has:
+        if ts is None:
             return
-        ts.who_has.discard(holder)
-        holder.has_what.discard(ts)
-        holder.nbytes -= ts.nbytes
+        holder = self.workers.get(msg.holder)
         recs: dict = {}
-        if not ts.who_has and ts.state is MEMORY:
-            self._data_lost(ts, recs)
-        elif msg.stuck:
+        if holder is not None and holder in ts.who_has:
+            ts.who_has.discard(holder)
+            holder.has_what.discard(ts)
+            holder.nbytes -= ts.nbytes
+            if not ts.who_has and ts.state is MEMORY:
+                self._data_lost(ts, recs)
+        # (A holder already removed was forgotten with its worker.)
+        if msg.stuck and ts.state is MEMORY:
             # Other holders exist that the worker was never told of: re-send
             # its tasks that need this input, with the current holders.
             for dts in list(ts.waiters):
@@ -501,6 +509,31 @@ class SchedulerState:
 
     def _on_heartbeat(self, ws: WorkerRecord, msg: m.WorkerHeartbeat) -> None:
         ws.memory = msg.memory
+        ws.heartbeat = msg
+
+    def _on_worker_paused(self, ws: WorkerRecord, msg: m.WorkerPaused) -> None:
+        """Short of memory: place its tasks that have not started elsewhere."""
+        ws.memory = msg.memory
+        if ws.paused:
+            return
+        ws.paused = True
+        self.n_paused += 1
+        self.idle.discard(ws)
+        recs: dict = {}
+        for ts in sorted(ws.processing, key=_by_priority):
+            # (A task sent ahead may have been taken back with its input already.)
+            if ts.started_on is not ws and ts.processing_on is ws:
+                self._reset_processing(ts, recs)
+        self._transitions(recs)
+
+    def _on_worker_resumed(self, ws: WorkerRecord, msg: m.WorkerResumed) -> None:
+        ws.memory = msg.memory
+        if not ws.paused:
+            return
+        ws.paused = False
+        self.n_paused -= 1
+        self._worker_room(ws)
+        self._retry_unrunnable()
 
     def _on_tasks_started(self, ws: WorkerRecord, msg: m.TasksStarted) -> None:
         by_id = self.by_id
@@ -588,9 +621,13 @@ class SchedulerState:
 
     def _candidates(self, ts: SchedulerTask):
         if ts.workers is None and ts.resources is None:
+            if self.n_paused:
+                return [ws for ws in self.workers.values() if not ws.paused]
             return self.workers.values()
         out = []
         for ws in self.workers.values():
+            if ws.paused:
+                continue
             if ts.workers is not None and not ts.allow_other_workers:
                 if ws.name not in ts.workers and ws.address not in ts.workers:
                     continue
@@ -681,7 +718,7 @@ class SchedulerState:
             if state is not PROCESSING or (target is not None and dep.processing_on is not target):
                 return None
             target = dep.processing_on
-        if target is None or len(target.processing) >= target.room:
+        if target is None or target.paused or len(target.processing) >= target.room:
             return None
         return target
 
@@ -693,7 +730,7 @@ class SchedulerState:
                 self._reset_processing(dts, recs)
 
     def _worker_room(self, ws: WorkerRecord) -> None:
-        if ws.wid in self.workers and len(ws.processing) < ws.room:
+        if ws.wid in self.workers and not ws.paused and len(ws.processing) < ws.room:
             self.idle.add(ws)
 
     def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
@@ -905,10 +942,7 @@ class SchedulerState:
             by_state[ts.state.value] = by_state.get(ts.state.value, 0) + 1
         return {
             "tasks": by_state,
-            "workers": {
-                ws.name: {"processing": len(ws.processing), "stored": len(ws.has_what), "nbytes": ws.nbytes}
-                for ws in self.workers.values()
-            },
+            "workers": {ws.name: ws.snapshot() for ws in self.workers.values()},
             "clients": sum(1 for cid in self.clients if not cid.endswith(PART_HOLDER)),
             "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
         }

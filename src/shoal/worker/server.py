@@ -1,9 +1,10 @@
 """The worker's reactor: sockets, threads and values around ``WorkerState``.
 
-It turns incoming batches and finished threads into events, calls
-``WorkerState.handle`` once per batch, and carries out the commands: start
-tasks, fetch inputs from peers, drop values, message the scheduler.  It also
-serves its data to peers and clients (``GetData``).
+It turns incoming batches, finished threads and memory samples into events,
+calls ``WorkerState.handle`` once per batch, and carries out the commands:
+start tasks, fetch inputs from peers, keep, drop, spill and unspill values
+(``DataStore``), message the scheduler.  It also serves its data to peers and
+clients (``GetData``), answering peers "busy" when it cannot afford to send.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import itertools
 import logging
 import os
+import resource
+import tempfile
 import uuid
 from typing import Any
 
@@ -20,13 +23,31 @@ import psutil
 from ..comm import Comm, connect, listen
 from ..errors import CommClosedError, ProtocolError, SerializationError
 from ..protocol import messages as m
-from ..protocol.serialize import deserialize, serialize
+from ..protocol.serialize import deserialize, sizeof
 from .executor import Executor, LazyFunction, Outcome
-from .state import FetchFailed, FetchSucceeded, SchedulerSent, TaskCompleted, TaskFailed, WorkerState
+from .memory import MemoryLimits
+from .state import (
+    FetchBusy,
+    FetchFailed,
+    FetchSucceeded,
+    MemorySampled,
+    PeerRetry,
+    SchedulerSent,
+    SpillFailed,
+    TaskCompleted,
+    TaskFailed,
+    WorkerState,
+)
+from .store import DataStore, purge_stale_spill, spill_directory
 
 logger = logging.getLogger("shoal.worker")
 
 PEER_ROLE_MSGS = (m.GetData,)
+# Peers are answered "busy" while more than this many bytes wait to be sent
+# to other peers (a quarter of the memory limit, if that is less), and while
+# paused, as soon as anything does: every serialized copy costs memory.
+MAX_OUTGOING_BYTES = 256 * 2**20
+_worker_numbers = itertools.count()
 
 
 class Worker:
@@ -37,6 +58,12 @@ class Worker:
         nthreads: int = 1,
         name: str | None = None,
         memory_limit: int = 0,
+        memory_target: float = 0.6,
+        memory_spill: float = 0.7,
+        memory_pause: float = 0.8,
+        memory_terminate: float = 0.95,
+        memory_monitor_interval: float = 0.1,
+        local_directory: str | None = None,
         resources: dict | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -49,6 +76,11 @@ class Worker:
         self.nthreads = nthreads
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
         self.memory_limit = memory_limit
+        self.limits = MemoryLimits(memory_limit, memory_target, memory_spill, memory_pause, memory_terminate)
+        # 0 turns sampling off (in-process workers share one process's memory).
+        self.memory_monitor_interval = memory_monitor_interval
+        self.max_outgoing_bytes = min(MAX_OUTGOING_BYTES, memory_limit // 4) if memory_limit else MAX_OUTGOING_BYTES
+        self.local_directory = local_directory or tempfile.gettempdir()
         self.resources = dict(resources or {})
         self.host = host
         self.port = port
@@ -59,8 +91,15 @@ class Worker:
         self.zero = zero
         self._zero_done: list[Outcome] = []
         self._functions: dict[int, LazyFunction] = {}
-        self.state = WorkerState(nthreads, validate=validate)
-        self.store: dict[int, Any] = {}
+        self.state = WorkerState(nthreads, memory=self.limits, validate=validate)
+        # Several workers may share a process (LocalCluster(processes=False)):
+        # each spills in its own folder of the process's spill directory.
+        self.store = DataStore(
+            os.path.join(spill_directory(self.local_directory, os.getpid()), str(next(_worker_numbers)))
+        )
+        self._arrived: dict[int, Any] = {}  # fetched values, until the core accepts them
+        self._data_comms: set[Comm] = set()  # connections peers fetch from us on
+        self.busy_answers = 0
         self.address = ""
         self._scheduler: Comm | None = None
         self._listener = None
@@ -111,6 +150,10 @@ class Worker:
             await self.close("scheduler did not answer registration")
             raise CommClosedError(f"scheduler at {self.scheduler_address} did not welcome us")
         self._spawn(self._heartbeat())
+        if self.limits.limit and self.memory_monitor_interval:
+            self._spawn(self._monitor_memory())
+        for path in purge_stale_spill(self.local_directory):
+            logger.info("removed %s, left by a worker process that no longer runs", path)
         logger.info("worker %s at %s registered with %s", self.name, self.address, self.scheduler_address)
         return self
 
@@ -142,7 +185,11 @@ class Worker:
             await self._listener.close()
         if self._executor is not None:
             self._executor.shutdown()
-        self.store.clear()
+        self.store.close()
+        try:
+            os.rmdir(os.path.dirname(self.store.directory))  # the process's, once its last worker closed
+        except OSError:
+            pass
         logger.info("worker %s closed: %s", self.name, reason)
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -158,15 +205,35 @@ class Worker:
     def _spawn_close(self, reason: str) -> None:
         asyncio.get_running_loop().create_task(self.close(reason))
 
+    def _rss(self) -> int:
+        try:
+            return self._process.memory_info().rss
+        except psutil.Error:
+            return 0
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            try:
-                rss = self._process.memory_info().rss
-            except psutil.Error:
-                rss = 0
             if self._scheduler is not None and not self._scheduler.closed:
-                self._scheduler.send(m.WorkerHeartbeat(rss, len(self.state.executing), len(self.store)))
+                self._scheduler.send(self.heartbeat())
+
+    def heartbeat(self) -> m.WorkerHeartbeat:
+        res = self.state.residency
+        return m.WorkerHeartbeat(
+            self._rss(),
+            len(self.state.executing),
+            len(self.store),
+            managed=res.fast_bytes,
+            spilled=res.slow_bytes,
+            spilled_count=len(res.slow),
+            spilled_total=res.spilled_total,
+            peak_memory=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        )
+
+    async def _monitor_memory(self) -> None:
+        while True:
+            await asyncio.sleep(self.memory_monitor_interval)
+            self._handle([MemorySampled(self._rss())])
 
     # -- the core loop --------------------------------------------------------------
 
@@ -189,8 +256,15 @@ class Worker:
     def _handle(self, events: list) -> None:
         cmds = self.state.handle(events)
         store = self.store
+        arrived = self._arrived
+        for tid in cmds.accept:
+            store.put(tid, arrived[tid])
+        arrived.clear()
         for tid in cmds.forget:
-            store.pop(tid, None)
+            store.forget(tid)
+        for tid in cmds.unspill:
+            store.unspill(tid, what=self._describe(tid))
+        failed = self._spill(cmds.spill) if cmds.spill else None
         sched = self._scheduler
         if cmds.to_scheduler and sched is not None and not sched.closed:
             sched.send_many(cmds.to_scheduler)
@@ -201,7 +275,7 @@ class Worker:
             cmds.run = []
         for ts in cmds.run:
             try:
-                data = {d.key: store[d.id] for d in ts.deps}
+                data = {d.key: store.memory[d.id] for d in ts.deps}
             except KeyError as e:  # an invariant broke: fail loudly, not silently
                 logger.error("task %r started without input %r", ts.key, e)
                 raise
@@ -209,6 +283,27 @@ class Worker:
             self._executor.submit(ts.id, ts.key, ts.run_spec, data, func)
         for peer, address, ids in cmds.fetch:
             self._spawn(self._fetch(peer, address, ids))
+        loop = None
+        for peer, delay in cmds.retry:
+            loop = loop or asyncio.get_running_loop()
+            loop.call_later(delay, self._retry_peer, peer)
+        if failed:
+            self._handle([SpillFailed(failed)])
+
+    def _spill(self, ids) -> list[int]:
+        """Write values to disk; return those that could not be."""
+        failed = []
+        for tid in ids:
+            try:
+                self.store.spill(tid, what=self._describe(tid))
+            except (SerializationError, OSError) as e:
+                logger.warning("cannot spill %s to disk, keeping it in memory: %s", self._describe(tid), e)
+                failed.append(tid)
+        return failed
+
+    def _retry_peer(self, peer: int) -> None:
+        if not self._closed.is_set():
+            self._handle([PeerRetry(peer)])
 
     def _function(self, fid: int) -> "LazyFunction":
         """The shared function ``fid``, unpickled once (in a task thread)."""
@@ -241,7 +336,7 @@ class Worker:
         events = []
         for out in outcomes:
             if out.ok:
-                self.store[out.id] = out.value
+                self.store.put(out.id, out.value)
                 events.append(TaskCompleted(out.id, out.nbytes, out.type_name, out.duration))
             else:
                 events.append(TaskFailed(out.id, out.exception, out.traceback))
@@ -260,7 +355,7 @@ class Worker:
         self._connecting[address] = fut
         try:
             comm = await connect(address, m.ToWorker, timeout=self.connect_timeout)
-            comm.send(m.PeerHello(self.name))
+            comm.send(m.PeerHello(self.name, address=self.address))
             comm.handler = self._on_peer_answer
             comm.on_closed = self._on_peer_closed
             self._peer_comms[address] = comm
@@ -303,6 +398,9 @@ class Worker:
             logger.info("fetch of %d keys from %s failed: %s", len(ids), address, e)
             self._handle([FetchFailed(peer, ids, str(e))])
             return
+        if resp.busy:
+            self._handle([FetchBusy(peer, ids)])
+            return
         got, nbytes, errors = [], [], dict(resp.errors)
         for tid, payload in zip(resp.ids, resp.payloads):
             try:
@@ -310,9 +408,9 @@ class Worker:
             except SerializationError as e:
                 errors[tid] = str(e)
                 continue
-            self.store[tid] = value
+            self._arrived[tid] = value
             got.append(tid)
-            nbytes.append(payload.nbytes)
+            nbytes.append(sizeof(value))
         self._handle([FetchSucceeded(peer, got, nbytes, list(resp.missing), errors)])
 
     # -- serving data ------------------------------------------------------------------------
@@ -325,6 +423,9 @@ class Worker:
         if type(hello) is not m.PeerHello:
             raise ProtocolError(f"expected PeerHello first, got {type(hello).__name__}")
         comm.info["peer"] = hello.name
+        comm.info["worker"] = bool(hello.address)
+        self._data_comms.add(comm)
+        comm.on_closed = self._on_data_comm_closed
         comm.handler = self._on_peer_request
         if len(msgs) > 1:
             self._on_peer_request(comm, msgs[1:])
@@ -333,11 +434,16 @@ class Worker:
         for msg in msgs:
             if type(msg) is not m.GetData:
                 raise ProtocolError(f"{type(msg).__name__} is not a data request")
+            if comm.info["worker"] and self._too_busy_for(comm):
+                self.busy_answers += 1
+                comm.send(m.DataResponse(msg.request_id, [], [], busy=True))
+                continue
             ids, payloads, missing, errors = [], [], [], {}
+            store = self.store
             for tid in msg.ids:
-                if tid in self.store:
+                if tid in store:
                     try:
-                        payloads.append(serialize(self.store[tid], what=self._describe(tid)))
+                        payloads.append(store.payload(tid, what=self._describe(tid)))
                     except SerializationError as e:
                         errors[tid] = str(e)
                         continue
@@ -345,6 +451,21 @@ class Worker:
                 else:
                     missing.append(tid)
             comm.send(m.DataResponse(msg.request_id, ids, payloads, missing, errors))
+
+    def _too_busy_for(self, comm: Comm) -> bool:
+        """Whether to answer a peer's request "busy" instead of sending.
+
+        Only what other peers are still being sent counts: a request that
+        finds nothing else under way is always served, so "busy" delays a
+        transfer (the fetcher asks another holder or waits), never refuses it.
+        """
+        others = [c for c in self._data_comms if c is not comm and c.sending]
+        if self.state.paused:
+            return bool(others)
+        return sum(c.unsent_bytes for c in others) > self.max_outgoing_bytes
+
+    def _on_data_comm_closed(self, comm: Comm, exc) -> None:
+        self._data_comms.discard(comm)
 
     def _describe(self, tid: int) -> str:
         ts = self.state.tasks.get(tid)

@@ -1,8 +1,10 @@
 """The worker as a pure state machine: ``handle(events) -> WorkerCommands``.
 
-It decides what runs next, what to fetch from which peer, and what to tell
-the scheduler; the reactor (``worker/server.py``) runs tasks in threads, moves
-bytes and keeps the values.  No I/O, no clock reads.
+It decides what runs next, what to fetch from which peer, which values live
+in memory and which on disk, when to pause for memory, and what to tell the
+scheduler; the reactor (``worker/server.py``) runs tasks in threads, moves
+bytes and keeps the values (``worker/store.py``).  No I/O, no clock reads:
+memory use arrives as an event (``MemorySampled``).
 
 Every piece of data the worker holds was announced to the scheduler (by
 ``TaskFinished`` or ``DataAcquired``), and it is dropped only when the
@@ -27,11 +29,16 @@ import msgspec
 from ..errors import SerializationError
 from ..protocol import messages as m
 from ..protocol.serialize import serialize
+from .memory import MemoryLimits, Residency
 
 # A batch sent to one peer asks for at most this many keys ...
 FETCH_BATCH = 1000
 # ... and at most this many peers are asked at once.
 MAX_PEERS_IN_FLIGHT = 16
+# A peer that answered "busy" is asked again after this many seconds,
+# doubling with each busy answer in a row up to BUSY_RETRY_MAX.
+BUSY_RETRY_FIRST = 0.02
+BUSY_RETRY_MAX = 1.0
 
 
 class WTState(enum.Enum):
@@ -117,24 +124,58 @@ class FetchFailed(WorkerEvent):
     reason: str = ""
 
 
+class FetchBusy(WorkerEvent):
+    """The peer sent nothing: it is paused or already sending too much."""
+
+    peer: int
+    ids: list
+
+
+class PeerRetry(WorkerEvent):
+    """The wait after a busy answer from ``peer`` is over."""
+
+    peer: int
+
+
+class MemorySampled(WorkerEvent):
+    rss: int  # the process's resident memory, bytes
+
+
+class SpillFailed(WorkerEvent):
+    """The store could not write these values to disk; they stay in memory."""
+
+    ids: list
+
+
 # -- commands -------------------------------------------------------------------
 
 
 class WorkerCommands:
-    """``run``: tasks to start (their inputs are in the store); ``fetch``:
-    ``(peer id, peer address, [ids])`` requests; ``forget``: ids whose values
-    to drop; ``to_scheduler``: messages to send."""
+    """Orders from one ``handle()`` call, carried out in this order:
 
-    __slots__ = ("run", "fetch", "forget", "to_scheduler")
+    ``accept``: ids of fetched values to keep (others that arrived are
+    dropped); ``forget``: ids whose values to drop; ``unspill`` / ``spill``:
+    ids to read back from / write to disk; ``to_scheduler``: messages to
+    send; ``run``: tasks to start (their inputs are in memory); ``fetch``:
+    ``(peer id, peer address, [ids])`` requests; ``retry``: ``(peer, delay)``
+    -- send ``PeerRetry(peer)`` after ``delay`` seconds.
+    """
+
+    __slots__ = ("run", "fetch", "accept", "forget", "spill", "unspill", "retry", "to_scheduler")
 
     def __init__(self):
         self.run: list[WorkerTask] = []
         self.fetch: list[tuple[int, str, list[int]]] = []
+        self.accept: set[int] = set()
         self.forget: list[int] = []
+        self.spill: set[int] = set()
+        self.unspill: set[int] = set()
+        self.retry: list[tuple[int, float]] = []
         self.to_scheduler: list = []
 
     def __repr__(self) -> str:
-        return f"WorkerCommands(run={self.run}, fetch={self.fetch}, forget={self.forget}, to_scheduler={self.to_scheduler})"
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if getattr(self, k))
+        return f"WorkerCommands({fields})"
 
 
 class InvariantError(AssertionError):
@@ -146,8 +187,17 @@ def _by_priority(ts: WorkerTask) -> tuple:
 
 
 class WorkerState:
-    def __init__(self, nthreads: int = 1, *, validate: bool = False):
+    def __init__(self, nthreads: int = 1, *, memory: MemoryLimits | None = None, validate: bool = False):
         self.nthreads = nthreads
+        self.limits = limits = memory or MemoryLimits()
+        # Thresholds in bytes; None where that step is off.
+        self._target = limits.bytes(limits.target)
+        self._spill_at = limits.bytes(limits.spill)
+        self._pause_at = limits.bytes(limits.pause)
+        # Every value held (state MEMORY), in memory or on disk.
+        self.residency = Residency()
+        self.paused = False
+        self.rss = 0  # the latest memory sample
         self.validate_each = validate
         self.wid: int | None = None
         self.tasks: dict[int, WorkerTask] = {}
@@ -159,7 +209,10 @@ class WorkerState:
         # planning fetches walks ``to_fetch``, so it runs only then.
         self._fetch_dirty = False
         self.in_flight: dict[int, set[WorkerTask]] = {}  # peer -> tasks asked of it
-        self.nbytes = 0
+        # Peers that answered "busy": how many times in a row, and those not
+        # to be asked until their PeerRetry.
+        self.busy: dict[int, int] = {}
+        self.resting: set[int] = set()
         self.functions: dict[int, Any] = {}  # id -> pickled function (Payload)
         self._cmds = WorkerCommands()
         self._sched_handlers = {
@@ -177,7 +230,16 @@ class WorkerState:
             TaskFailed: self._on_failed,
             FetchSucceeded: self._on_fetched,
             FetchFailed: self._on_fetch_failed,
+            FetchBusy: self._on_fetch_busy,
+            PeerRetry: self._on_peer_retry,
+            MemorySampled: self._on_memory_sampled,
+            SpillFailed: self._on_spill_failed,
         }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every value held here, in memory or on disk."""
+        return self.residency.fast_bytes + self.residency.slow_bytes
 
     def handle(self, events: Iterable) -> WorkerCommands:
         cmds = self._cmds = WorkerCommands()
@@ -185,6 +247,7 @@ class WorkerState:
             self._handlers[type(ev)](ev)
         self._start_ready()
         self._start_fetches()
+        self._spill_over_target()
         self._cmds = WorkerCommands()
         if self.validate_each:
             self.validate()
@@ -208,9 +271,18 @@ class WorkerState:
             self.peers[p.wid] = p.address
         for wid in msg.removed:
             self.peers.pop(wid, None)
+            self.busy.pop(wid, None)
+            self.resting.discard(wid)
             for ts in self.to_fetch:
                 if wid in ts.who_has:
                     ts.who_has.remove(wid)
+                    if not ts.who_has:
+                        # The scheduler may know holders we were never told of.
+                        self._cmds.to_scheduler.append(m.DataMissing(ts.id, wid, True))
+            if wid in self.in_flight:
+                # Gone (dead, or dropped by the scheduler for silence): its
+                # answer may never come, so do not wait for it.
+                self._on_fetch_failed(FetchFailed(wid, [], "peer left the cluster"))
 
     def _on_define_function(self, msg: m.DefineFunction) -> None:
         self.functions[msg.id] = msg.payload
@@ -350,15 +422,16 @@ class WorkerState:
         asked = self.in_flight.pop(ev.peer, set())
         self._fetch_dirty = True
         got_ids, got_nbytes = [], []
+        if ev.ids:
+            self.busy.pop(ev.peer, None)
         for tid, nbytes in zip(ev.ids, ev.nbytes):
             ts = self.tasks.get(tid)
             if ts is None or ts not in asked:
-                if ts is None or ts.state not in (MEMORY, EXECUTING):
-                    self._cmds.forget.append(tid)
-                continue
+                continue  # no longer wanted, or a late answer: not accepted, so dropped
             asked.discard(ts)
             got_ids.append(tid)
             got_nbytes.append(nbytes)
+            self._cmds.accept.add(tid)
             self._to_memory(ts, nbytes)
             if ts.run_spec is not None:
                 # Assigned here while in flight: it is now done.
@@ -397,6 +470,28 @@ class WorkerState:
         for ts in asked:
             self._holder_failed(ts, ev.peer)
 
+    def _on_fetch_busy(self, ev: FetchBusy) -> None:
+        """Ask another holder, or this one again after a growing pause."""
+        asked = self.in_flight.pop(ev.peer, set())
+        self._fetch_dirty = True
+        for ts in asked:
+            if ts.state is FLIGHT:
+                ts.state = FETCH
+                self._fetch_later(ts)
+                if ev.peer in ts.who_has and len(ts.who_has) > 1:
+                    # Others hold it too: try them first.
+                    ts.who_has.remove(ev.peer)
+                    ts.who_has.append(ev.peer)
+        if ev.peer in self.peers:
+            n = self.busy[ev.peer] = self.busy.get(ev.peer, 0) + 1
+            self.resting.add(ev.peer)
+            self._cmds.retry.append((ev.peer, min(BUSY_RETRY_FIRST * 2 ** (n - 1), BUSY_RETRY_MAX)))
+
+    def _on_peer_retry(self, ev: PeerRetry) -> None:
+        if ev.peer in self.resting:
+            self.resting.discard(ev.peer)
+            self._fetch_dirty = True
+
     def _holder_failed(self, ts: WorkerTask, peer: int) -> None:
         if ts.state is not FLIGHT:
             return
@@ -415,6 +510,56 @@ class WorkerState:
         ts.state = FETCH
         self._fetch_later(ts)  # tried again if another holder is known or announced
 
+    # -- memory ------------------------------------------------------------------------
+
+    def _on_memory_sampled(self, ev: MemorySampled) -> None:
+        self.rss = ev.rss
+        spill_at, pause_at = self._spill_at, self._pause_at
+        if spill_at is not None and ev.rss > spill_at:
+            # Freed memory shows in RSS only later: move what should bring
+            # it back to the target, and look again at the next sample.
+            goal = self._target or spill_at
+            self._spill(self.residency.evict(ev.rss - goal))
+        if pause_at is None:
+            return
+        if not self.paused and ev.rss > pause_at:
+            self.paused = True
+            # First say what is running: the scheduler takes back the rest.
+            if self.executing:
+                self._cmds.to_scheduler.append(m.TasksStarted(sorted(t.id for t in self.executing)))
+            self._cmds.to_scheduler.append(m.WorkerPaused(ev.rss))
+        elif self.paused and ev.rss <= pause_at:
+            self.paused = False
+            self._fetch_dirty = True
+            self._cmds.to_scheduler.append(m.WorkerResumed(ev.rss))
+
+    def _on_spill_failed(self, ev: SpillFailed) -> None:
+        for tid in ev.ids:
+            self.residency.pin(tid)
+
+    def _spill_over_target(self) -> None:
+        target = self._target
+        if target is not None and self.residency.fast_bytes > target:
+            self._spill(self.residency.evict(self.residency.fast_bytes - target))
+
+    def _spill(self, ids: list[int]) -> None:
+        cmds = self._cmds
+        for tid in ids:
+            if tid in cmds.unspill:
+                cmds.unspill.discard(tid)  # read back and out again in one call: stays on disk
+            else:
+                cmds.spill.add(tid)
+
+    def _touch_inputs(self, ts: WorkerTask) -> None:
+        """``ts`` starts: its inputs are used now, and must be in memory."""
+        residency, cmds = self.residency, self._cmds
+        for dep in ts.deps:
+            if residency.touch(dep.id):
+                if dep.id in cmds.spill:
+                    cmds.spill.discard(dep.id)
+                else:
+                    cmds.unspill.add(dep.id)
+
     # -- internal transitions ---------------------------------------------------------
 
     def _to_memory(self, ts: WorkerTask, nbytes: int) -> None:
@@ -422,7 +567,7 @@ class WorkerState:
         ts.state = MEMORY
         ts.nbytes = nbytes
         ts.who_has = []
-        self.nbytes += nbytes
+        self.residency.add(ts.id, nbytes)
         for dts in ts.dependents:
             if dts.state is WAITING:
                 dts.missing -= 1
@@ -433,8 +578,7 @@ class WorkerState:
     def _drop(self, ts: WorkerTask) -> None:
         """Forget ``ts`` here; inputs that nothing else needs go with it."""
         if ts.state is MEMORY:
-            self.nbytes -= ts.nbytes
-            self._cmds.forget.append(ts.id)
+            self._forget_value(ts.id)
         self.to_fetch.discard(ts)
         self.tasks.pop(ts.id, None)
         ts.state = CANCELLED  # stale heap entries are skipped
@@ -446,7 +590,19 @@ class WorkerState:
                 # FLIGHT: dropped (or kept and announced) when the transfer ends.
         ts.deps = []
 
+    def _forget_value(self, tid: int) -> None:
+        self.residency.remove(tid)
+        cmds = self._cmds
+        cmds.spill.discard(tid)
+        cmds.unspill.discard(tid)
+        if tid in cmds.accept:
+            cmds.accept.discard(tid)  # arrived in this call: never stored
+        else:
+            cmds.forget.append(tid)
+
     def _start_ready(self) -> None:
+        if self.paused:
+            return  # running tasks finish; nothing new starts
         ready, executing = self.ready, self.executing
         started = []
         while ready and len(executing) < self.nthreads:
@@ -455,6 +611,7 @@ class WorkerState:
                 continue
             ts.state = EXECUTING
             executing.add(ts)
+            self._touch_inputs(ts)
             self._cmds.run.append(ts)
             started.append(ts.id)
         if started and ready:
@@ -469,13 +626,14 @@ class WorkerState:
         self._fetch_dirty = True
 
     def _start_fetches(self) -> None:
-        if not self._fetch_dirty or not self.to_fetch or len(self.in_flight) >= MAX_PEERS_IN_FLIGHT:
+        if self.paused or not self._fetch_dirty or not self.to_fetch or len(self.in_flight) >= MAX_PEERS_IN_FLIGHT:
             return
         self._fetch_dirty = False
         by_peer: dict[int, list[WorkerTask]] = {}
+        resting = self.resting
         for ts in self.to_fetch:
             for w in ts.who_has:
-                if w in self.peers and w not in self.in_flight:
+                if w in self.peers and w not in self.in_flight and w not in resting:
                     by_peer.setdefault(w, []).append(ts)
                     break
         for peer, wanted in by_peer.items():
@@ -516,7 +674,9 @@ class WorkerState:
         for ts in self.executing:
             check(ts.state in (EXECUTING, CANCELLED), "executing set holds a non-executing task", ts)
         check(len(self.executing) <= self.nthreads, "more tasks executing than threads")
-        check(
-            self.nbytes == sum(t.nbytes for t in self.tasks.values() if t.state is MEMORY),
-            "nbytes out of sync",
-        )
+        held = {tid: t.nbytes for tid, t in self.tasks.items() if t.state is MEMORY}
+        res = self.residency
+        check(len(res) == len(held) and all(tid in res for tid in held), "residency differs from data held")
+        res.check()
+        check(res.fast_bytes + res.slow_bytes == sum(held.values()), "bytes held out of sync")
+        check(not (self.paused and self._pause_at is None), "paused without a pause threshold")
