@@ -1837,3 +1837,17 @@ def test_simulation_gives_the_same_outcome_with_and_without_sending_ahead():
         d1, e1 = _simulate(seed, eager=True)
         d2, e2 = _simulate(seed, eager=False)
         assert d1 | e1 == d2 | e2
+
+
+def test_pausing_takes_back_tasks_sent_ahead_and_sends_none_there_after():
+    s = setup(nworkers=2, nthreads=1, eager=True)
+    submit(s, {"a": [], "b": ["a"], "c": ["b"]})
+    assert {t.processing_on.wid for t in s.tasks.values()} == {1}
+    worker_send(s, 1, m.TasksStarted([tid(s, "a")]))
+    cmds = worker_send(s, 1, m.WorkerPaused(10**9))
+    assert set(ids_in(cmds, 1, m.CancelTasks)) == {tid(s, "b"), tid(s, "c")}
+    # a still runs on the paused worker: b cannot go ahead there; it waits.
+    assert s.tasks["a"].processing_on.wid == 1
+    assert s.tasks["b"].state is WAITING and s.tasks["c"].state is WAITING
+    cmds = finish(s, 1, "a")
+    assert placed(cmds) == {"b": 2, "c": 2}  # c goes ahead on worker 2, behind b
