@@ -23,7 +23,7 @@ from shoal.scheduler.events import (
 )
 from shoal.scheduler.placement import LocalityPolicy, RandomPolicy
 from shoal.scheduler.records import ERRED, MEMORY, NO_WORKER, PROCESSING, QUEUED, RELEASED, WAITING
-from shoal.scheduler.state import SchedulerState
+from shoal.scheduler.state import AHEAD_MAX_MISSING, SchedulerState
 
 RUN = serialize(None)  # run_spec: opaque to the scheduler
 
@@ -1851,3 +1851,18 @@ def test_pausing_takes_back_tasks_sent_ahead_and_sends_none_there_after():
     assert s.tasks["b"].state is WAITING and s.tasks["c"].state is WAITING
     cmds = finish(s, 1, "a")
     assert placed(cmds) == {"b": 2, "c": 2}  # c goes ahead on worker 2, behind b
+
+
+def test_wide_reduction_is_not_rechecked_for_sending_ahead_per_input(monkeypatch):
+    # A sum over many tasks must not cost a pass over its inputs for every
+    # input sent or finished (that made a 100k-task merge quadratic).
+    s = setup(nworkers=2, nthreads=1, queue_ahead=4, eager=True)
+    calls = []
+    real = SchedulerState._ahead_target
+    monkeypatch.setattr(SchedulerState, "_ahead_target", staticmethod(lambda ts: calls.append(ts.key) or real(ts)))
+    n = 400
+    graph = {f"x{i}": [] for i in range(n)}
+    graph["total"] = list(graph)
+    run_all(s, submit(s, graph))
+    assert s.tasks["total"].state is MEMORY
+    assert calls.count("total") <= 2 * AHEAD_MAX_MISSING

@@ -48,6 +48,8 @@ READY = "ready"
 FORGOTTEN = "forgotten"
 # Suffix of the stand-in client that holds the parts of a graph in transit.
 PART_HOLDER = "\x00graph-parts"
+# A task is sent ahead only while at most this many of its inputs are missing.
+AHEAD_MAX_MISSING = 8
 
 
 class SchedulerState:
@@ -702,7 +704,15 @@ class SchedulerState:
         while stack:
             ts = stack.pop()
             for t in (ts, *ts.dependents) if ts.state is not WAITING else (ts,):
-                if t.state is WAITING and t.workers is None and t.resources is None:
+                # Few missing inputs only: checking costs a pass over the
+                # inputs, and a wide reduction (sum over 100k tasks) would pay
+                # it for every input sent or finished.
+                if (
+                    t.state is WAITING
+                    and t.waiting_on <= AHEAD_MAX_MISSING
+                    and t.workers is None
+                    and t.resources is None
+                ):
                     ws = self._ahead_target(t)
                     if ws is not None:
                         self._send(t, ws)  # queues its own dependents in turn
