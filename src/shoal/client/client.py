@@ -26,6 +26,7 @@ from ..errors import (
     CommClosedError,
     GraphError,
     ProtocolError,
+    RetirementError,
     SchedulerUnavailableError,
     SerializationError,
 )
@@ -69,6 +70,7 @@ class Client:
         address: Any = None,
         *,
         timeout: float = 30.0,
+        reconnect_timeout: float | None = None,
         asynchronous: bool = False,
         name: str | None = None,
         set_as_default: bool = True,
@@ -77,6 +79,11 @@ class Client:
         self.id = f"client-{uuid.uuid4().hex[:12]}"
         self.name = name or self.id
         self.timeout = timeout
+        # How long to keep trying when the scheduler connection drops (0: give
+        # up at once).  Futures wait meanwhile; the scheduler keeps this
+        # client's data for its grace period (``shoal scheduler --client-grace``).
+        self.reconnect_timeout = timeout if reconnect_timeout is None else reconnect_timeout
+        self.scheduler_id = ""
         self.asynchronous = asynchronous
         self.status = "connecting"
         self._created = next(Client._ids)
@@ -101,6 +108,8 @@ class Client:
         self._workers: list[str] = []
         self._workers_changed: asyncio.Condition | None = None
         self._comm: Comm | None = None
+        self._reconnecting: asyncio.Task | None = None
+        self._lost_reason = ""  # set when a restarted scheduler forgot our keys
         self._worker_comms: dict[str, Comm] = {}
         self._requests: dict[int, asyncio.Future] = {}
         self._request_ids = itertools.count()
@@ -143,7 +152,13 @@ class Client:
 
     async def _connect(self) -> None:
         self._workers_changed = asyncio.Condition()
-        deadline = time.monotonic() + self.timeout
+        welcome = await self._open(time.monotonic() + self.timeout)
+        self.scheduler_id = welcome.scheduler_id
+        self.status = "running"
+
+    async def _open(self, deadline: float) -> m.Welcome:
+        """Connect to the scheduler (retrying with backoff until ``deadline``),
+        register, and wait for its welcome; the new connection becomes ``_comm``."""
         delay = 0.05
         while True:
             try:
@@ -165,11 +180,10 @@ class Client:
         self._comm = comm
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                await welcomed
+                return await welcomed
         except TimeoutError:
             comm.abort()
             raise SchedulerUnavailableError(f"the scheduler at {self.scheduler_address} did not answer") from None
-        self.status = "running"
 
     # -- messages from the scheduler (I/O thread) ---------------------------------------
 
@@ -197,10 +211,11 @@ class Client:
                     if st is not None:
                         st.set_error(GraphError(msg.reason))
             elif t is m.KeysLost:
+                reason = self._lost_reason or msg.reason
                 for k in msg.keys:
                     st = states.get(m.as_key(k))
                     if st is not None:
-                        st.set_lost(msg.reason)
+                        st.set_lost(reason)
             elif t is m.KeysCancelled:
                 for k in msg.keys:
                     st = states.get(m.as_key(k))
@@ -215,6 +230,10 @@ class Client:
                 fut = self._requests.pop(msg.request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.data)
+            elif t is m.RequestDone:
+                fut = self._requests.pop(msg.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.error)
             elif t is m.Welcome:
                 self._workers = list(msg.workers)
                 self._notify_workers()
@@ -233,10 +252,51 @@ class Client:
         asyncio.get_running_loop().create_task(notify())
 
     def _on_scheduler_closed(self, comm: Comm, exc) -> None:
-        if self.status in ("closing", "closed"):
-            return
-        self.status = "disconnected"
+        if comm is not self._comm or self.status in ("closing", "closed"):
+            return  # an older connection, or we are the ones closing
         reason = f"lost the scheduler at {self.scheduler_address}: {exc or 'connection closed'}"
+        for rid, fut in list(self._requests.items()):
+            if getattr(fut, "comm", None) is comm and not fut.done():
+                self._requests.pop(rid, None)
+                fut.set_exception(CommClosedError(reason))
+        if self.status != "running" or self.reconnect_timeout <= 0:
+            self._give_up(reason)
+            return
+        logger.warning("%s; reconnecting (for up to %gs)", reason, self.reconnect_timeout)
+        self.status = "reconnecting"
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(reason))
+
+    async def _reconnect(self, reason: str) -> None:
+        """Connect again and tell the scheduler which futures this client holds.
+
+        A scheduler that kept our record (we were back within its grace
+        period) re-sends what we missed; a restarted one -- or one that gave
+        up on us -- answers ``KeysLost`` for what it does not know."""
+        try:
+            welcome = await self._open(time.monotonic() + self.reconnect_timeout)
+        except SchedulerUnavailableError as e:
+            self._give_up(f"{reason}; could not reconnect within {self.reconnect_timeout:g}s ({e})")
+            return
+        finally:
+            self._reconnecting = None
+        if self.status != "reconnecting":
+            return  # closed meanwhile
+        restarted = welcome.scheduler_id != self.scheduler_id
+        self.scheduler_id = welcome.scheduler_id
+        self._lost_reason = (
+            f"the scheduler at {self.scheduler_address} restarted and no longer knows it; submit it again"
+            if restarted
+            else ""
+        )
+        with self._lock:
+            keys = list(self._refs)
+        self._comm.send(m.ResumeClient(keys))
+        self.status = "running"
+        logger.warning("reconnected to the scheduler at %s%s", self.scheduler_address, " (restarted)" if restarted else "")
+        self._drain_outq()  # what was submitted or released while away
+
+    def _give_up(self, reason: str) -> None:
+        self.status = "disconnected"
         logger.warning(reason)
         for st in list(self._states.values()):
             if not st.done():
@@ -266,7 +326,7 @@ class Client:
         self._enqueue(_Release(key))
 
     def _send(self, msg) -> None:
-        if self.status not in ("running", "connecting"):
+        if self.status not in ("running", "connecting", "reconnecting"):
             raise CommClosedError(f"client is {self.status}")
         self._enqueue(msg)
 
@@ -281,11 +341,11 @@ class Client:
             self._io.call_soon(self._drain_outq)
 
     def _drain_outq(self) -> None:
-        with self._lock:
-            items, self._outq = self._outq, []
         comm = self._comm
         if comm is None or comm.closed:
-            return
+            return  # kept for the next connection (see _reconnect)
+        with self._lock:
+            items, self._outq = self._outq, []
         releases: list = []
         for item in items:
             if type(item) is _Release:
@@ -653,20 +713,60 @@ class Client:
 
     # -- cluster information ---------------------------------------------------------------
 
-    def scheduler_info(self) -> dict:
-        """The scheduler's task counts by state, workers, and process/wire counters."""
+    def scheduler_info(self, validate: bool = False) -> dict:
+        """The scheduler's task counts by state, workers, and process/wire counters.
 
-        async def ask():
-            rid = next(self._request_ids)
-            fut = asyncio.get_running_loop().create_future()
-            self._requests[rid] = fut
-            self._comm.send(m.RequestInfo(rid))
-            async with asyncio.timeout(self.timeout):
+        ``validate=True`` also checks every invariant of the scheduler's state
+        (a pass over all its tasks) and reports the first broken one as
+        ``invariant_error`` ("" when all hold)."""
+        return self._run(self._ask(lambda rid: m.RequestInfo(rid, validate)))
+
+    def retire_workers(self, workers: Iterable[str], *, close: bool = True, timeout: float | None = None):
+        """Retire ``workers`` (names or addresses) gracefully; block until done.
+
+        They are sent no new tasks and hand back those they have not started;
+        tasks already running there finish.  Data held only by them is copied
+        to the other workers: nothing is recomputed.  Then, with ``close``,
+        they stop for good (their nanny does not restart them); without it,
+        they stay connected but idle, for an outside system to stop them.
+
+        Raises :class:`~shoal.RetirementError` for unknown workers, or when no
+        other worker would remain to take their data; ``TimeoutError`` after
+        ``timeout`` (default: the client's ``timeout``), while the retirement
+        carries on in the scheduler."""
+        names = [workers] if isinstance(workers, str) else list(workers)
+
+        async def retire() -> None:
+            error = await self._ask(lambda rid: m.RetireWorkers(rid, names, close), timeout)
+            if error:
+                raise RetirementError(error)
+
+        return self._run(retire())
+
+    async def _ask(self, make_msg: Callable[[int], Any], timeout: float | None = None) -> Any:
+        """Send the scheduler a request (``make_msg(request_id)``) and await its answer."""
+        timeout = self.timeout if timeout is None else timeout
+        comm = self._comm
+        if comm is None or comm.closed or self.status != "running":
+            raise CommClosedError(f"client is {self.status}")
+        rid = next(self._request_ids)
+        fut = asyncio.get_running_loop().create_future()
+        fut.comm = comm  # type: ignore[attr-defined]  (failed if this connection drops)
+        self._requests[rid] = fut
+        comm.send(make_msg(rid))
+        try:
+            async with asyncio.timeout(timeout):
                 return await fut
+        except TimeoutError:
+            raise TimeoutError(f"the scheduler did not answer within {timeout:g}s") from None
+        finally:
+            self._requests.pop(rid, None)
 
+    def _run(self, coro):
+        """Run ``coro`` on the I/O loop: its result, or an awaitable when asynchronous."""
         if self.asynchronous:
-            return asyncio.wrap_future(self._io.submit(ask()))
-        return self._io.run(ask())
+            return asyncio.wrap_future(self._io.submit(coro))
+        return self._io.run(coro)
 
     @property
     def workers(self) -> list[str]:
@@ -696,6 +796,13 @@ class Client:
         self._unset_dask_default()
 
         async def _close():
+            task = self._reconnecting
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
             comm = self._comm
             if comm is not None and not comm.closed:
                 comm.send(m.CloseClient())

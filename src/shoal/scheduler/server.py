@@ -18,7 +18,7 @@ from ..comm import Comm, listen
 from ..errors import ProtocolError
 from ..protocol import messages as m
 from .commands import Commands
-from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
+from .events import ClientDisconnected, ClientJoined, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
 from .state import SchedulerState
 
 logger = logging.getLogger("shoal.scheduler")
@@ -133,8 +133,12 @@ class Scheduler:
             logger.info("worker %s joined from %s (%d threads)", hello.name, hello.address, hello.nthreads)
         elif type(hello) is m.RegisterClient:
             cid = hello.client_id
-            if cid in self._client_comms:
-                raise ProtocolError(f"client id {cid!r} is already connected")
+            old = self._client_comms.pop(cid, None)
+            if old is not None:
+                # A client reconnecting before this side noticed its old
+                # connection drop: the new connection replaces the old one.
+                logger.info("client %s reconnected; dropping its previous connection", cid)
+                old.abort()
             comm.info["cid"] = cid
             self._client_comms[cid] = comm
             comm.on_closed = self._on_client_closed
@@ -180,7 +184,7 @@ class Scheduler:
         while backlog and budget > 0:
             msg = backlog.popleft()
             if type(msg) is m.RequestInfo:
-                comm.send(m.Info(msg.request_id, self.info()))
+                comm.send(m.Info(msg.request_id, self.info(validate=msg.validate)))
                 continue
             batch.append(msg)
             if type(msg) is m.SubmitGraph:
@@ -195,8 +199,9 @@ class Scheduler:
             comm.info["draining"] = False
             comm.resume_reading()
 
-    def info(self) -> dict:
-        """State counts and wire/process counters, for clients and benchmarks."""
+    def info(self, validate: bool = False) -> dict:
+        """State counts and wire/process counters, for clients and benchmarks;
+        with ``validate``, also ``invariant_error``: "" when every invariant holds."""
         proc = psutil.Process()
         cpu = proc.cpu_times()
         mem = proc.memory_info()
@@ -218,6 +223,12 @@ class Scheduler:
             }
         )
         self._lag_max = 0.0  # the longest stall since the previous info() call
+        if validate:
+            try:
+                self.state.validate()
+                snap["invariant_error"] = ""
+            except AssertionError as e:
+                snap["invariant_error"] = f"{type(e).__name__}: {e}"
         return snap
 
     def _on_worker_closed(self, comm: Comm, exc) -> None:
@@ -231,9 +242,12 @@ class Scheduler:
 
     def _on_client_closed(self, comm: Comm, exc) -> None:
         cid = comm.info["cid"]
-        if self._client_comms.pop(cid, None) is None:
-            return
-        self._handle([ClientLeft(cid)])
+        if self._client_comms.get(cid) is not comm:
+            return  # replaced by a newer connection of the same client
+        del self._client_comms[cid]
+        # Not gone for good unless it said so (CloseClient): it may reconnect
+        # within the grace period and carry on with its futures.
+        self._handle([ClientDisconnected(cid, time.monotonic())])
 
     # -- the core call --------------------------------------------------------------
 
