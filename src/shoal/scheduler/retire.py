@@ -56,7 +56,9 @@ class Retirements:
         self.copies: dict[SchedulerTask, tuple[int, int]] = {}
         self.ticks = 0
         self._dirty = False
-        self._processing: dict[int, int] = {}  # wid -> tasks processing at the last scan
+        # wid -> (tasks processing, keys held) at the last look: a change means
+        # a task finished or was handed back, or data arrived or was released.
+        self._seen: dict[int, tuple[int, int]] = {}
 
     # -- events (called by the core) -------------------------------------------------
 
@@ -97,7 +99,7 @@ class Retirements:
         self.workers.pop(ws.wid, None)
         self.drained.discard(ws.wid)
         self.closing.discard(ws.wid)
-        self._processing.pop(ws.wid, None)
+        self._seen.pop(ws.wid, None)
         self._dirty = True
 
     def data_acquired(self) -> None:
@@ -113,13 +115,15 @@ class Retirements:
         """Ask for missing copies, close drained workers, answer finished requests.
 
         A full pass over the retiring workers' data runs only when something
-        that matters may have changed: a copy was confirmed, a task left a
-        retiring worker, a worker came or went, or a tick passed."""
+        that matters may have changed: a copy was confirmed, a retiring
+        worker's tasks or data changed, a worker came or went, or a tick
+        passed (which also catches what these signs miss)."""
         state = self.state
         for wid in self.workers:
-            n = len(state.workers[wid].processing)
-            if self._processing.get(wid) != n:
-                self._processing[wid] = n
+            ws = state.workers[wid]
+            seen = (len(ws.processing), len(ws.has_what))
+            if self._seen.get(wid) != seen:
+                self._seen[wid] = seen
                 self._dirty = True
         if self._dirty:
             self._dirty = False
