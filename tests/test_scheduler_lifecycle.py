@@ -281,3 +281,12 @@ def test_resumed_key_known_only_by_its_lineage_is_computed_again():
     assert placed(cmds) == {"a": 1}
     assert s.tasks["a"].wanted_by == {"c"} and s.tasks["b"].state is MEMORY
     assert s.tasks["a"].state is PROCESSING or s.tasks["a"].state is WAITING
+
+
+def test_clients_learn_the_remaining_holders_when_one_leaves():
+    s = setup(nworkers=2)
+    held_on(s, 1, "x")
+    worker_send(s, 2, m.DataAcquired([tid(s, "x")], [10]))
+    cmds = s.handle([WorkerLeft(1, "closed", expected=True)])
+    (msg,) = to_client(cmds, m.KeyInMemory)
+    assert msg.key == "x" and msg.workers == [addr(2)]

@@ -634,24 +634,25 @@ class Client:
                 if st.id in payloads:
                     out[st.key] = deserialize(payloads[st.id], what=f"the result of {st.key!r}")
                     todo.pop(st.key, None)
-            for st, why in failed:
+            for st, why, _ in failed:
                 if isinstance(why, SerializationError):
                     raise why
             if failed:
                 attempts += 1
                 if attempts > 20:
-                    raise CommClosedError(f"could not fetch {[st.key for st, _ in failed][:5]}: {failed[0][1]}")
-                # The holder is gone: wait for the scheduler to report the
-                # data again (recomputed or found elsewhere).
-                self._io.run(self._reset_states([st for st, _ in failed]))
+                    raise CommClosedError(f"could not fetch {[f[0].key for f in failed][:5]}: {failed[0][1]}")
+                self._io.run(self._reset_states([(st, address) for st, _, address in failed]))
         return out
 
-    async def _reset_states(self, states: list[FutureState]) -> None:
-        for st in states:
-            alive = [w for w in st.workers if w in self._workers]
-            if alive and alive != st.workers:
-                st.workers = alive  # try the remaining holders first
-            elif st.status == FINISHED:
+    async def _reset_states(self, failed: list[tuple[FutureState, str]]) -> None:
+        """Forget holders that failed; with none left, wait for the scheduler to
+        report the data again (held elsewhere, or recomputed)."""
+        for st, address in failed:
+            if st.status != FINISHED:
+                continue
+            # The scheduler may have named new holders meanwhile: keep those.
+            st.workers = [w for w in st.workers if w != address and w in self._workers]
+            if not st.workers:
                 st.reset()
 
     async def _fetch(self, states: list[FutureState]) -> tuple[dict, list]:
@@ -663,21 +664,21 @@ class Client:
 
         async def one(address: str, sts: list[FutureState]) -> None:
             if not address:
-                failed.extend((st, CommClosedError("no holder known")) for st in sts)
+                failed.extend((st, CommClosedError("no holder known"), address) for st in sts)
                 return
             try:
                 resp = await self._get_data(address, [st.id for st in sts])
             except (CommClosedError, OSError, TimeoutError) as e:
-                failed.extend((st, e) for st in sts)
+                failed.extend((st, e, address) for st in sts)
                 return
             for tid, payload in zip(resp.ids, resp.payloads):
                 payloads[tid] = payload
             bad = set(resp.missing)
             for st in sts:
                 if st.id in resp.errors:
-                    failed.append((st, SerializationError(resp.errors[st.id])))
+                    failed.append((st, SerializationError(resp.errors[st.id]), address))
                 elif st.id in bad:
-                    failed.append((st, CommClosedError(f"{address} no longer holds it")))
+                    failed.append((st, CommClosedError(f"{address} no longer holds it"), address))
 
         await asyncio.gather(*(one(a, s) for a, s in by_worker.items()))
         return payloads, failed

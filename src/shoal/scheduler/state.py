@@ -244,6 +244,11 @@ class SchedulerState:
                     self._mark_erred(ts, ts, serialize(exc), "", recs)
                 else:
                     self._data_lost(ts, recs)
+            elif ts.wanted_by and ts.state is MEMORY:
+                # Clients would still fetch from the worker that left.
+                msg = self._in_memory_msg(ts)
+                for cid in ts.wanted_by:
+                    self._cmds.client(cid, msg)
         ws.has_what.clear()
         if self._retiring:
             self.retirements.worker_left(ws)
