@@ -284,7 +284,7 @@ def _free_port() -> int:
 
 
 def _start_scheduler(port: int, log: Path) -> subprocess.Popen:
-    return popen_logged(shoal_cmd("scheduler", "--port", str(port), "--log-level", "warning"), log)
+    return popen_logged(shoal_cmd("scheduler", "--port", str(port), "--log-level", "info"), log)
 
 
 def _start_worker(address: str, name: str, log: Path) -> subprocess.Popen:

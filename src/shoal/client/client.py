@@ -157,24 +157,35 @@ class Client:
         self.status = "running"
 
     async def _open(self, deadline: float) -> m.Welcome:
-        """Connect to the scheduler (retrying with backoff until ``deadline``),
-        register, and wait for its welcome; the new connection becomes ``_comm``."""
+        """Connect to the scheduler and register, retrying with backoff until
+        ``deadline``; the new connection becomes ``_comm``."""
         delay = 0.05
+        patience = 2.0  # for an answer to RegisterClient; doubles per attempt
         while True:
             try:
-                comm = await connect(self.scheduler_address, m.ToClient, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except CommClosedError as e:
+                return await self._handshake(min(deadline, time.monotonic() + patience))
+            except (CommClosedError, TimeoutError) as e:
+                patience *= 2
                 if time.monotonic() + delay > deadline:
                     raise SchedulerUnavailableError(
-                        f"could not reach the scheduler at {self.scheduler_address} within {self.timeout}s: {e}"
+                        f"could not reach the scheduler at {self.scheduler_address} in time: {e}"
                     ) from None
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
+
+    async def _handshake(self, deadline: float) -> m.Welcome:
+        """One attempt: connect, register, await the welcome until ``deadline``.
+
+        A connection can be accepted and then never served (made to a
+        scheduler in the middle of dying), so the wait is bounded and the
+        caller tries again."""
+        comm = await connect(self.scheduler_address, m.ToClient, timeout=max(0.1, deadline - time.monotonic()))
         welcomed = asyncio.get_running_loop().create_future()
-        self._welcomed = welcomed
+        self._welcomed = welcomed  # failed by _on_scheduler_closed if the connection drops first
         comm.handler = self._on_scheduler_msgs
         comm.on_closed = self._on_scheduler_closed
+        if comm.closed:  # dropped before on_closed was set (a scheduler dying as we connect)
+            raise CommClosedError(f"connection to {self.scheduler_address} closed at once: {comm.close_reason}")
         comm.send(m.RegisterClient(self.id, self.name))
         comm.flush()
         self._comm = comm
@@ -182,8 +193,9 @@ class Client:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                 return await welcomed
         except TimeoutError:
+            self._comm = None  # so that its closing is not taken for a lost scheduler
             comm.abort()
-            raise SchedulerUnavailableError(f"the scheduler at {self.scheduler_address} did not answer") from None
+            raise TimeoutError(f"the scheduler at {self.scheduler_address} did not answer") from None
 
     # -- messages from the scheduler (I/O thread) ---------------------------------------
 
@@ -255,6 +267,9 @@ class Client:
         if comm is not self._comm or self.status in ("closing", "closed"):
             return  # an older connection, or we are the ones closing
         reason = f"lost the scheduler at {self.scheduler_address}: {exc or 'connection closed'}"
+        if not self._welcomed.done():  # dropped during the handshake: _open tries again
+            self._welcomed.set_exception(CommClosedError(reason))
+            return
         for rid, fut in list(self._requests.items()):
             if getattr(fut, "comm", None) is comm and not fut.done():
                 self._requests.pop(rid, None)
@@ -272,8 +287,12 @@ class Client:
         A scheduler that kept our record (we were back within its grace
         period) re-sends what we missed; a restarted one -- or one that gave
         up on us -- answers ``KeysLost`` for what it does not know."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        # A scheduler that just dropped us may be dying: a connection made to
+        # it now could be accepted and never served.  Give it a moment.
+        await asyncio.sleep(min(0.1, self.reconnect_timeout / 2))
         try:
-            welcome = await self._open(time.monotonic() + self.reconnect_timeout)
+            welcome = await self._open(deadline)
         except SchedulerUnavailableError as e:
             self._give_up(f"{reason}; could not reconnect within {self.reconnect_timeout:g}s ({e})")
             return
