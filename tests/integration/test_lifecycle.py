@@ -34,6 +34,7 @@ from ._helpers import (
     inc,
     kill_leftovers,
     popen_logged,
+    read_json_when_ready,
     shoal_cmd,
     wait_gone,
 )
@@ -96,6 +97,7 @@ def test_retirement_lets_a_running_task_finish_first(private_cluster, tmp_path, 
     with Client(private_cluster, timeout=STARTUP) as client:
         running = client.submit(gate, g, started, workers=["local-0"], allow_other_workers=True)
         wait_for(lambda: os.path.exists(started), SHORT, message="the gated task to start")
+        os.remove(started)  # a second run would leave it again
         queued = [
             client.submit(counted, str(tmp_path), i, workers=["local-0"], allow_other_workers=True)
             for i in range(5)
@@ -117,8 +119,8 @@ def test_retirement_lets_a_running_task_finish_first(private_cluster, tmp_path, 
         assert len(client.workers) == 1
         assert runs(tmp_path) == 5
         assert_valid(client)
-    # The gated task ran once: it was not handed back and rerun elsewhere.
-    assert os.path.exists(started)
+    # The gated task ran once: it was not handed back and run again elsewhere.
+    assert not os.path.exists(started)
 
 
 def test_retiring_unknown_or_every_worker_is_refused(client):
@@ -169,6 +171,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
             futs = client.submit_graph(graph, last + checkpoints)
             final, marks = futs[:width], futs[width:]
             killed: list[int] = []
+            final_done_at_kill: list[int] = []
             errors: list[BaseException] = []
 
             def killer():
@@ -177,6 +180,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
                         wait([mark], timeout=STARTUP)
                         pids = list(cluster.worker_pids(timeout=0).values())
                         victim = rng.choice(pids)
+                        final_done_at_kill.append(sum(f.done() for f in final))
                         os.kill(victim, signal.SIGKILL)
                         killed.append(victim)
                 except BaseException as e:  # reported by the test thread
@@ -190,6 +194,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
                 t.join(STARTUP)
             assert not errors, f"seed {seed}: {errors}"
             assert len(killed) == 3, f"seed {seed}"
+            assert max(final_done_at_kill) < width, "a kill came after the graph had finished"
             assert client.gather(final) == expected_last_layer(width, depth), f"seed {seed}"
             # The nannies restarted every killed worker.
             wait_for(lambda: len(client.workers) == 4, STARTUP, message="the killed workers to be restarted")
@@ -284,7 +289,12 @@ def _free_port() -> int:
 
 
 def _start_scheduler(port: int, log: Path) -> subprocess.Popen:
-    return popen_logged(shoal_cmd("scheduler", "--port", str(port), "--log-level", "info"), log)
+    """A scheduler process on ``port``; returns once it listens (workers do not wait for it)."""
+    ready = log.with_suffix(".json")
+    cmd = shoal_cmd("scheduler", "--port", str(port), "--scheduler-file", str(ready), "--log-level", "info")
+    proc = popen_logged(cmd, log)
+    read_json_when_ready(ready, STARTUP, proc, log)
+    return proc
 
 
 def _start_worker(address: str, name: str, log: Path) -> subprocess.Popen:
