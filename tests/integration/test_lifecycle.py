@@ -321,6 +321,8 @@ def test_client_reconnects_to_a_restarted_scheduler_and_forgotten_futures_fail_c
             procs[0].wait(SHORT)
             wait_gone([procs[1].pid], STARTUP, "the worker of the dead scheduler")
             assert not pending.done()  # waiting for the reconnection, not failed yet
+            assert client.status == "reconnecting"
+            during = client.submit(inc, 100)  # sent once the client is back
             procs.append(_start_scheduler(port, tmp_path / "scheduler-2.log"))
             procs.append(_start_worker(address, "w-2", tmp_path / "worker-2.log"))
 
@@ -330,6 +332,7 @@ def test_client_reconnects_to_a_restarted_scheduler_and_forgotten_futures_fail_c
                 with pytest.raises(shoal.FutureLostError, match=f"'{fut.key}'.*scheduler .* restarted"):
                     fut.result(timeout=SHORT)
             client.wait_for_workers(1, timeout=STARTUP)
+            assert during.result(timeout=SHORT) == 101
             assert client.submit(inc, 10).result(timeout=SHORT) == 11
             # Submitting a lost key again computes it again.
             assert client.submit(inc, 1, key="done-before-the-restart").result(timeout=SHORT) == 2

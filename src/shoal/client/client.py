@@ -308,7 +308,10 @@ class Client:
             else ""
         )
         with self._lock:
-            keys = list(self._refs)
+            # Keys submitted while away are not the scheduler's to know yet:
+            # their SubmitGraph follows the resume (see _drain_outq below).
+            queued = {m.as_key(k) for item in self._outq if type(item) is m.SubmitGraph for k in item.wanted}
+            keys = [k for k in self._refs if k not in queued]
         self._comm.send(m.ResumeClient(keys))
         self.status = "running"
         logger.warning("reconnected to the scheduler at %s%s", self.scheduler_address, " (restarted)" if restarted else "")
