@@ -174,7 +174,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
             final_done_at_kill: list[int] = []
             errors: list[BaseException] = []
 
-            def killer():
+            def killer(marks, final):
                 try:
                     for mark in marks:
                         wait([mark], timeout=STARTUP)
@@ -186,7 +186,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
                 except BaseException as e:  # reported by the test thread
                     errors.append(e)
 
-            t = threading.Thread(target=killer, name="killer")
+            t = threading.Thread(target=killer, args=(marks, final), name="killer")
             t.start()
             try:
                 wait(final, timeout=60)
@@ -200,7 +200,7 @@ def test_workers_killed_at_random_during_a_10k_task_graph_give_the_right_answer(
             wait_for(lambda: len(client.workers) == 4, STARTUP, message="the killed workers to be restarted")
             assert_valid(client)
             del futs, final, marks
-            wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, message="the released graph to be forgotten")
+            wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, message="the graph to be forgotten")
             assert_valid(client)
 
 

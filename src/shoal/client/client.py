@@ -314,7 +314,8 @@ class Client:
             keys = [k for k in self._refs if k not in queued]
         self._comm.send(m.ResumeClient(keys))
         self.status = "running"
-        logger.warning("reconnected to the scheduler at %s%s", self.scheduler_address, " (restarted)" if restarted else "")
+        note = " (it restarted)" if restarted else ""
+        logger.warning("reconnected to the scheduler at %s%s", self.scheduler_address, note)
         self._drain_outq()  # what was submitted or released while away
 
     def _give_up(self, reason: str) -> None:

@@ -687,8 +687,9 @@ class SchedulerState:
             self._send(ts, ws)
 
     def _worker_room(self, ws: WorkerRecord) -> None:
-        if ws.wid in self.workers and len(ws.processing) < ws.nthreads + self.queue_ahead and ws.wid not in self._retiring:
-            self.idle.add(ws)
+        if ws.wid in self.workers and len(ws.processing) < ws.nthreads + self.queue_ahead:
+            if ws.wid not in self._retiring:  # a retiring worker takes no new tasks
+                self.idle.add(ws)
 
     def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
         if ts.resources:
