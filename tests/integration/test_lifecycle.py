@@ -141,12 +141,29 @@ def mix(a, b):
     return (a * 31 + b) % 1_000_003
 
 
-def layered_graph(width: int, depth: int) -> dict:
-    """``depth`` layers of ``width`` tasks, each reading two tasks of the layer before."""
-    g = {("t", 0, i): Task(("t", 0, i), mix, i, 1) for i in range(width)}
+def logged_mix(log: str, name: str, a, b):
+    """``mix`` that appends its name to ``log`` on every run (one short
+    O_APPEND write: lines from concurrent processes do not interleave)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{name}\n".encode())
+    finally:
+        os.close(fd)
+    return mix(a, b)
+
+
+def layered_graph(width: int, depth: int, log: str | None = None) -> dict:
+    """``depth`` layers of ``width`` tasks, each reading two tasks of the layer
+    before; with ``log``, every run of a task is recorded there."""
+
+    def task(d, i, a, b):
+        key = ("t", d, i)
+        return Task(key, mix, a, b) if log is None else Task(key, logged_mix, log, f"{d}-{i}", a, b)
+
+    g = {("t", 0, i): task(0, i, i, 1) for i in range(width)}
     for d in range(1, depth):
         for i in range(width):
-            g[("t", d, i)] = Task(("t", d, i), mix, TaskRef(("t", d - 1, i)), TaskRef(("t", d - 1, (i + 1) % width)))
+            g[("t", d, i)] = task(d, i, TaskRef(("t", d - 1, i)), TaskRef(("t", d - 1, (i + 1) % width)))
     return g
 
 
@@ -341,3 +358,22 @@ def test_client_reconnects_to_a_restarted_scheduler_and_forgotten_futures_fail_c
         Path(g).touch()
         kill_leftovers([p.pid for p in procs])
         wait_gone([p.pid for p in procs], STARTUP, "the test's scheduler and worker processes")
+
+
+def test_retiring_a_worker_while_a_10k_task_graph_runs_recomputes_nothing(tmp_path):
+    width, depth = 500, 20
+    log = tmp_path / "runs.log"
+    with LocalCluster(n_workers=3, threads_per_worker=1, timeout=STARTUP) as cluster:
+        with Client(cluster, timeout=STARTUP) as client:
+            graph = layered_graph(width, depth, str(log))
+            futs = client.submit_graph(graph, [("t", depth - 1, i) for i in range(width)] + [("t", 5, 0)])
+            final, mark = futs[:width], futs[width]
+            wait([mark], timeout=STARTUP)
+            client.retire_workers(["local-1"])
+            assert not all(f.done() for f in final), "the graph finished before the retirement"
+            wait(final, timeout=60)
+            assert client.gather(final) == expected_last_layer(width, depth)
+            assert len(client.workers) == 2
+            assert_valid(client)
+    runs = log.read_text().split()
+    assert len(runs) == len(set(runs)) == width * depth  # each task ran exactly once
