@@ -902,6 +902,8 @@ class SchedulerState:
                 for ws in self.workers.values()
             },
             "clients": sum(1 for cid in self.clients if not cid.endswith(PART_HOLDER)),
+            "clients_disconnected": len(self.disconnected),
+            "retiring": sorted(self.workers[wid].name for wid in self._retiring),
             "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
         }
 
