@@ -1859,7 +1859,7 @@ def test_wide_reduction_is_not_rechecked_for_sending_ahead_per_input(monkeypatch
     s = setup(nworkers=2, nthreads=1, queue_ahead=4, eager=True)
     calls = []
     real = SchedulerState._ahead_target
-    monkeypatch.setattr(SchedulerState, "_ahead_target", staticmethod(lambda ts: calls.append(ts.key) or real(ts)))
+    monkeypatch.setattr(SchedulerState, "_ahead_target", lambda self, ts: calls.append(ts.key) or real(self, ts))
     n = 400
     graph = {f"x{i}": [] for i in range(n)}
     graph["total"] = list(graph)

@@ -658,3 +658,68 @@ def test_queued_fetch_that_is_assigned_here_runs_instead():
     cmds = ws.handle([TaskCompleted(1, 3)])
     assert finished_ids(cmds) == [1]
     assert run_ids(cmds) == [10]
+
+
+# -- retirement: copies and draining ----------------------------------------------------
+
+
+def test_acquire_data_fetches_and_keeps_a_copy_nobody_here_needs():
+    ws = make_state()
+    cmds = sched(ws, m.AcquireData([5, 6], ["k5", "k6"], [[1], [1]]))
+    assert fetches(cmds) == {1: {5, 6}}
+    cmds = ws.handle([FetchSucceeded(1, [5, 6], [10, 20])])
+    (acq,) = of_type(cmds, m.DataAcquired)
+    assert acq.ids == [5, 6] and acq.nbytes == [10, 20]
+    assert ws.tasks[5].state is MEMORY and not ws.copies
+    assert not cmds.forget  # kept: the scheduler now counts this worker as a holder
+
+
+def test_acquire_data_already_held_is_confirmed_at_once():
+    ws = make_state()
+    sched(ws, execute(1))
+    ws.handle([TaskCompleted(1, 8)])
+    cmds = sched(ws, m.AcquireData([1], ["k1"], [[2]]))
+    assert [a.ids for a in of_type(cmds, m.DataAcquired)] == [[1]] and not cmds.fetch
+
+
+def test_copy_outlives_the_local_task_that_also_needed_it():
+    ws = make_state()
+    sched(ws, execute(1, deps=[5], who_has=[[1]]))
+    cmds = sched(ws, m.AcquireData([5], ["k5"], [[1]]))
+    assert not cmds.fetch or fetches(cmds) == {1: {5}}
+    sched(ws, m.CancelTasks([1]))  # the task goes; the copy stays wanted
+    assert 5 in ws.tasks and ws.tasks[5] in ws.copies
+
+
+def test_copy_with_its_holder_failing_is_reported_and_dropped():
+    ws = make_state()
+    sched(ws, m.AcquireData([5], ["k5"], [[1]]))
+    cmds = ws.handle([FetchFailed(1, [5], "connection refused")])
+    (miss,) = of_type(cmds, m.DataMissing)
+    assert (miss.id, miss.holder, miss.stuck) == (5, 1, True)
+    assert 5 not in ws.tasks and not ws.copies
+
+
+def test_drain_hands_back_tasks_not_started_and_lets_the_running_one_finish():
+    ws = make_state(nthreads=1)
+    cmds = sched(ws, execute(1, prio=(0,)), execute(2, prio=(1,)), execute(3, prio=(2,), deps=[9], who_has=[[1]]))
+    assert run_ids(cmds) == [1]
+    cmds = sched(ws, m.DrainWorker())
+    (rej,) = of_type(cmds, m.TasksRejected)
+    assert sorted(rej.ids) == [2, 3]
+    assert set(ws.tasks) == {1} or set(ws.tasks) == {1, 9}
+    cmds = ws.handle([TaskCompleted(1, 8)])
+    assert finished_ids(cmds) == [1] and not cmds.run
+
+
+def test_input_whose_last_known_holder_left_is_reported_stuck():
+    ws = make_state()
+    cmds = sched(ws, execute(1, deps=[5], who_has=[[1]]))
+    assert fetches(cmds) == {1: {5}}
+    # Peer 1 is busy with 5, so 6 waits its turn in FETCH.
+    sched(ws, execute(2, deps=[6], who_has=[[1]]))
+    assert ws.tasks[6].state is FETCH
+    cmds = sched(ws, m.PeersChanged([], [1]))
+    # Neither has a holder left: 6 (queued) is said at once, and so is 5, whose
+    # transfer from the departed peer is failed without waiting for it.
+    assert [(x.id, x.holder, x.stuck) for x in of_type(cmds, m.DataMissing)] == [(6, 1, True), (5, 1, True)]

@@ -16,6 +16,7 @@ from .errors import (
     KilledWorkerError,
     MissingDependencyError,
     ProtocolError,
+    RetirementError,
     SchedulerUnavailableError,
     SerializationError,
     ShoalError,
@@ -42,4 +43,5 @@ __all__ = [
     "ProtocolError",
     "CommClosedError",
     "SchedulerUnavailableError",
+    "RetirementError",
 ]

@@ -13,7 +13,7 @@ import click
 import psutil
 
 from .comm import install_uvloop
-from .utils import parse_bytes, parse_resources
+from .utils import parse_bytes, parse_resources, parse_seconds
 
 
 def _tune_gc() -> None:
@@ -65,17 +65,26 @@ def main() -> None:
 @click.option("--scheduler-file", default=None, help="Write {'address': ...} as JSON here once listening.")
 @click.option("--worker-ttl", default=60.0, show_default=True, type=float,
               help="Drop workers silent (no heartbeat) for this many seconds; 0 disables.")
+@click.option("--client-grace", default="30s", show_default=True,
+              help="Keep the data of a client whose connection dropped this long, so it can reconnect "
+                   "and carry on (e.g. 30s, 2m; 0 releases it at once).")
 @click.option("--log-level", default="info", show_default=True)
-def scheduler(host: str, port: int, scheduler_file: str | None, worker_ttl: float | None, log_level: str) -> None:
+def scheduler(
+    host: str, port: int, scheduler_file: str | None, worker_ttl: float | None, client_grace: str, log_level: str
+) -> None:
     """Run the scheduler."""
     from .scheduler.server import Scheduler
 
     _setup_logging(log_level)
+    try:
+        grace = parse_seconds(client_grace)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--client-grace") from None
     install_uvloop()
     _tune_gc()
 
     async def start():
-        s = Scheduler(host, port, worker_ttl=worker_ttl or None)
+        s = Scheduler(host, port, worker_ttl=worker_ttl or None, client_grace=grace)
         await s.start()
         if scheduler_file:
             tmp = scheduler_file + ".tmp"

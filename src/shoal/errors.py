@@ -69,3 +69,8 @@ class CommClosedError(ShoalError, ConnectionError):
 
 class SchedulerUnavailableError(ShoalError, ConnectionError):
     """The scheduler could not be reached within the timeout."""
+
+
+class RetirementError(ShoalError):
+    """Workers could not be retired: unknown names, or no other worker would
+    remain to take their data."""

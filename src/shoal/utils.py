@@ -31,6 +31,19 @@ def parse_bytes(text: str | int | float) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+_SECONDS = {"": 1.0, "s": 1.0, "ms": 1e-3, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_seconds(text: str | int | float) -> float:
+    """``"30s"`` -> 30.0; ``"500ms"``, ``"2m"``, ``"1h"`` and plain numbers (seconds) work too."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SECONDS:
+        raise ValueError(f"cannot read {text!r} as a duration (try '30s', '500ms' or '2m')")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
 def format_bytes(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:

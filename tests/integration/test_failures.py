@@ -185,13 +185,14 @@ def test_worker_killed_mid_computation_work_moves_to_the_survivor(private_cluste
 
 def test_scheduler_death_makes_futures_lost_and_workers_exit(private_cluster, gates):
     g, started = gates()
-    with Client(private_cluster, timeout=STARTUP) as client:
+    # The client tries to reconnect for reconnect_timeout, then gives up.
+    with Client(private_cluster, timeout=STARTUP, reconnect_timeout=1) as client:
         done = client.submit(inc, 1)
         assert done.result(timeout=SHORT) == 2
         pending = client.submit(gate, g, started)
         wait_for(lambda: os.path.exists(started), SHORT, message="the gated task to start")
         os.kill(private_cluster._scheduler_proc.pid, signal.SIGKILL)
-        with pytest.raises(shoal.FutureLostError, match="lost the scheduler"):
+        with pytest.raises(shoal.FutureLostError, match="lost the scheduler.*could not reconnect within 1s"):
             pending.result(timeout=SHORT)
         wait_for(lambda: client.status == "disconnected", SHORT, message="the client to notice")
         with pytest.raises(shoal.CommClosedError):

@@ -26,6 +26,7 @@ from ..errors import (
     CommClosedError,
     GraphError,
     ProtocolError,
+    RetirementError,
     SchedulerUnavailableError,
     SerializationError,
 )
@@ -72,6 +73,7 @@ class Client:
         address: Any = None,
         *,
         timeout: float = 30.0,
+        reconnect_timeout: float | None = None,
         asynchronous: bool = False,
         name: str | None = None,
         set_as_default: bool = True,
@@ -80,6 +82,11 @@ class Client:
         self.id = f"client-{uuid.uuid4().hex[:12]}"
         self.name = name or self.id
         self.timeout = timeout
+        # How long to keep trying when the scheduler connection drops (0: give
+        # up at once).  Futures wait meanwhile; the scheduler keeps this
+        # client's data for its grace period (``shoal scheduler --client-grace``).
+        self.reconnect_timeout = timeout if reconnect_timeout is None else reconnect_timeout
+        self.scheduler_id = ""
         self.asynchronous = asynchronous
         self.status = "connecting"
         self._created = next(Client._ids)
@@ -104,6 +111,8 @@ class Client:
         self._workers: list[str] = []
         self._workers_changed: asyncio.Condition | None = None
         self._comm: Comm | None = None
+        self._reconnecting: asyncio.Task | None = None
+        self._lost_reason = ""  # set when a restarted scheduler forgot our keys
         self._worker_comms: dict[str, Comm] = {}
         self._requests: dict[int, asyncio.Future] = {}
         self._request_ids = itertools.count()
@@ -146,33 +155,50 @@ class Client:
 
     async def _connect(self) -> None:
         self._workers_changed = asyncio.Condition()
-        deadline = time.monotonic() + self.timeout
+        welcome = await self._open(time.monotonic() + self.timeout)
+        self.scheduler_id = welcome.scheduler_id
+        self.status = "running"
+
+    async def _open(self, deadline: float) -> m.Welcome:
+        """Connect to the scheduler and register, retrying with backoff until
+        ``deadline``; the new connection becomes ``_comm``."""
         delay = 0.05
+        patience = 2.0  # for an answer to RegisterClient; doubles per attempt
         while True:
             try:
-                comm = await connect(self.scheduler_address, m.ToClient, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except CommClosedError as e:
+                return await self._handshake(min(deadline, time.monotonic() + patience))
+            except (CommClosedError, TimeoutError) as e:
+                patience *= 2
                 if time.monotonic() + delay > deadline:
                     raise SchedulerUnavailableError(
-                        f"could not reach the scheduler at {self.scheduler_address} within {self.timeout}s: {e}"
+                        f"could not reach the scheduler at {self.scheduler_address} in time: {e}"
                     ) from None
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
+
+    async def _handshake(self, deadline: float) -> m.Welcome:
+        """One attempt: connect, register, await the welcome until ``deadline``.
+
+        A connection can be accepted and then never served (made to a
+        scheduler in the middle of dying), so the wait is bounded and the
+        caller tries again."""
+        comm = await connect(self.scheduler_address, m.ToClient, timeout=max(0.1, deadline - time.monotonic()))
         welcomed = asyncio.get_running_loop().create_future()
-        self._welcomed = welcomed
+        self._welcomed = welcomed  # failed by _on_scheduler_closed if the connection drops first
         comm.handler = self._on_scheduler_msgs
         comm.on_closed = self._on_scheduler_closed
+        if comm.closed:  # dropped before on_closed was set (a scheduler dying as we connect)
+            raise CommClosedError(f"connection to {self.scheduler_address} closed at once: {comm.close_reason}")
         comm.send(m.RegisterClient(self.id, self.name))
         comm.flush()
         self._comm = comm
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                await welcomed
+                return await welcomed
         except TimeoutError:
+            self._comm = None  # so that its closing is not taken for a lost scheduler
             comm.abort()
-            raise SchedulerUnavailableError(f"the scheduler at {self.scheduler_address} did not answer") from None
-        self.status = "running"
+            raise TimeoutError(f"the scheduler at {self.scheduler_address} did not answer") from None
 
     # -- messages from the scheduler (I/O thread) ---------------------------------------
 
@@ -201,10 +227,11 @@ class Client:
                     if st is not None:
                         st.set_error(GraphError(msg.reason))
             elif t is m.KeysLost:
+                reason = self._lost_reason or msg.reason
                 for k in msg.keys:
                     st = states.get(m.as_key(k))
                     if st is not None:
-                        st.set_lost(msg.reason)
+                        st.set_lost(reason)
             elif t is m.KeysCancelled:
                 for k in msg.keys:
                     st = states.get(m.as_key(k))
@@ -219,6 +246,10 @@ class Client:
                 fut = self._requests.pop(msg.request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.data)
+            elif t is m.RequestDone:
+                fut = self._requests.pop(msg.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.error)
             elif t is m.Welcome:
                 self._workers = list(msg.workers)
                 self._notify_workers()
@@ -237,10 +268,62 @@ class Client:
         asyncio.get_running_loop().create_task(notify())
 
     def _on_scheduler_closed(self, comm: Comm, exc) -> None:
-        if self.status in ("closing", "closed"):
-            return
-        self.status = "disconnected"
+        if comm is not self._comm or self.status in ("closing", "closed"):
+            return  # an older connection, or we are the ones closing
         reason = f"lost the scheduler at {self.scheduler_address}: {exc or 'connection closed'}"
+        if not self._welcomed.done():  # dropped during the handshake: _open tries again
+            self._welcomed.set_exception(CommClosedError(reason))
+            return
+        for rid, fut in list(self._requests.items()):
+            if getattr(fut, "comm", None) is comm and not fut.done():
+                self._requests.pop(rid, None)
+                fut.set_exception(CommClosedError(reason))
+        if self.status != "running" or self.reconnect_timeout <= 0:
+            self._give_up(reason)
+            return
+        logger.warning("%s; reconnecting (for up to %gs)", reason, self.reconnect_timeout)
+        self.status = "reconnecting"
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(reason))
+
+    async def _reconnect(self, reason: str) -> None:
+        """Connect again and tell the scheduler which futures this client holds.
+
+        A scheduler that kept our record (we were back within its grace
+        period) re-sends what we missed; a restarted one -- or one that gave
+        up on us -- answers ``KeysLost`` for what it does not know."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        # A scheduler that just dropped us may be dying: a connection made to
+        # it now could be accepted and never served.  Give it a moment.
+        await asyncio.sleep(min(0.1, self.reconnect_timeout / 2))
+        try:
+            welcome = await self._open(deadline)
+        except SchedulerUnavailableError as e:
+            self._give_up(f"{reason}; could not reconnect within {self.reconnect_timeout:g}s ({e})")
+            return
+        finally:
+            self._reconnecting = None
+        if self.status != "reconnecting":
+            return  # closed meanwhile
+        restarted = welcome.scheduler_id != self.scheduler_id
+        self.scheduler_id = welcome.scheduler_id
+        self._lost_reason = (
+            f"the scheduler at {self.scheduler_address} restarted and no longer knows it; submit it again"
+            if restarted
+            else ""
+        )
+        with self._lock:
+            # Keys submitted while away are not the scheduler's to know yet:
+            # their SubmitGraph follows the resume (see _drain_outq below).
+            queued = {m.as_key(k) for item in self._outq if type(item) is m.SubmitGraph for k in item.wanted}
+            keys = [k for k in self._refs if k not in queued]
+        self._comm.send(m.ResumeClient(keys))
+        self.status = "running"
+        note = " (it restarted)" if restarted else ""
+        logger.warning("reconnected to the scheduler at %s%s", self.scheduler_address, note)
+        self._drain_outq()  # what was submitted or released while away
+
+    def _give_up(self, reason: str) -> None:
+        self.status = "disconnected"
         logger.warning(reason)
         for st in list(self._states.values()):
             if not st.done():
@@ -280,7 +363,7 @@ class Client:
         self._enqueue(_Release(key))
 
     def _send(self, msg) -> None:
-        if self.status not in ("running", "connecting"):
+        if self.status not in ("running", "connecting", "reconnecting"):
             raise CommClosedError(f"client is {self.status}")
         self._enqueue(msg)
 
@@ -295,11 +378,11 @@ class Client:
             self._io.call_soon(self._drain_outq)
 
     def _drain_outq(self) -> None:
-        with self._lock:
-            items, self._outq = self._outq, []
         comm = self._comm
         if comm is None or comm.closed:
-            return
+            return  # kept for the next connection (see _reconnect)
+        with self._lock:
+            items, self._outq = self._outq, []
         releases: list = []
         for item in items:
             if type(item) is _Release:
@@ -609,24 +692,25 @@ class Client:
                 if st.id in payloads:
                     out[st.key] = deserialize(payloads[st.id], what=f"the result of {st.key!r}")
                     todo.pop(st.key, None)
-            for st, why in failed:
+            for st, why, _ in failed:
                 if isinstance(why, SerializationError):
                     raise why
             if failed:
                 attempts += 1
                 if attempts > 20:
-                    raise CommClosedError(f"could not fetch {[st.key for st, _ in failed][:5]}: {failed[0][1]}")
-                # The holder is gone: wait for the scheduler to report the
-                # data again (recomputed or found elsewhere).
-                self._io.run(self._reset_states([st for st, _ in failed]))
+                    raise CommClosedError(f"could not fetch {[f[0].key for f in failed][:5]}: {failed[0][1]}")
+                self._io.run(self._reset_states([(st, address) for st, _, address in failed]))
         return out
 
-    async def _reset_states(self, states: list[FutureState]) -> None:
-        for st in states:
-            alive = [w for w in st.workers if w in self._workers]
-            if alive and alive != st.workers:
-                st.workers = alive  # try the remaining holders first
-            elif st.status == FINISHED:
+    async def _reset_states(self, failed: list[tuple[FutureState, str]]) -> None:
+        """Forget holders that failed; with none left, wait for the scheduler to
+        report the data again (held elsewhere, or recomputed)."""
+        for st, address in failed:
+            if st.status != FINISHED:
+                continue
+            # The scheduler may have named new holders meanwhile: keep those.
+            st.workers = [w for w in st.workers if w != address and w in self._workers]
+            if not st.workers:
                 st.reset()
 
     async def _fetch(self, states: list[FutureState]) -> tuple[dict, list]:
@@ -638,21 +722,21 @@ class Client:
 
         async def one(address: str, sts: list[FutureState]) -> None:
             if not address:
-                failed.extend((st, CommClosedError("no holder known")) for st in sts)
+                failed.extend((st, CommClosedError("no holder known"), address) for st in sts)
                 return
             try:
                 resp = await self._get_data(address, [st.id for st in sts])
             except (CommClosedError, OSError, TimeoutError) as e:
-                failed.extend((st, e) for st in sts)
+                failed.extend((st, e, address) for st in sts)
                 return
             for tid, payload in zip(resp.ids, resp.payloads):
                 payloads[tid] = payload
             bad = set(resp.missing)
             for st in sts:
                 if st.id in resp.errors:
-                    failed.append((st, SerializationError(resp.errors[st.id])))
+                    failed.append((st, SerializationError(resp.errors[st.id]), address))
                 elif st.id in bad:
-                    failed.append((st, CommClosedError(f"{address} no longer holds it")))
+                    failed.append((st, CommClosedError(f"{address} no longer holds it"), address))
 
         await asyncio.gather(*(one(a, s) for a, s in by_worker.items()))
         return payloads, failed
@@ -689,21 +773,59 @@ class Client:
     # -- cluster information ---------------------------------------------------------------
 
     def scheduler_info(self, validate: bool = False) -> dict:
-        """The scheduler's task counts by state, workers, and process/wire
-        counters; with ``validate``, ``"invariants"`` says whether its state
-        is consistent ("ok") or names the first broken invariant."""
+        """The scheduler's task counts by state, workers, and process/wire counters.
 
-        async def ask():
-            rid = next(self._request_ids)
-            fut = asyncio.get_running_loop().create_future()
-            self._requests[rid] = fut
-            self._comm.send(m.RequestInfo(rid, validate))
-            async with asyncio.timeout(self.timeout):
+        ``validate=True`` also checks every invariant of the scheduler's state
+        (a pass over all its tasks) and reports the first broken one as
+        ``invariant_error`` ("" when all hold)."""
+        return self._run(self._ask(lambda rid: m.RequestInfo(rid, validate)))
+
+    def retire_workers(self, workers: Iterable[str], *, close: bool = True, timeout: float | None = None):
+        """Retire ``workers`` (names or addresses) gracefully; block until done.
+
+        They are sent no new tasks and hand back those they have not started;
+        tasks already running there finish.  Data held only by them is copied
+        to the other workers: nothing is recomputed.  Then, with ``close``,
+        they stop for good (their nanny does not restart them); without it,
+        they stay connected but idle, for an outside system to stop them.
+
+        Raises :class:`~shoal.RetirementError` for unknown workers, or when no
+        other worker would remain to take their data; ``TimeoutError`` after
+        ``timeout`` (default: the client's ``timeout``), while the retirement
+        carries on in the scheduler."""
+        names = [workers] if isinstance(workers, str) else list(workers)
+
+        async def retire() -> None:
+            error = await self._ask(lambda rid: m.RetireWorkers(rid, names, close), timeout)
+            if error:
+                raise RetirementError(error)
+
+        return self._run(retire())
+
+    async def _ask(self, make_msg: Callable[[int], Any], timeout: float | None = None) -> Any:
+        """Send the scheduler a request (``make_msg(request_id)``) and await its answer."""
+        timeout = self.timeout if timeout is None else timeout
+        comm = self._comm
+        if comm is None or comm.closed or self.status != "running":
+            raise CommClosedError(f"client is {self.status}")
+        rid = next(self._request_ids)
+        fut = asyncio.get_running_loop().create_future()
+        fut.comm = comm  # type: ignore[attr-defined]  (failed if this connection drops)
+        self._requests[rid] = fut
+        comm.send(make_msg(rid))
+        try:
+            async with asyncio.timeout(timeout):
                 return await fut
+        except TimeoutError:
+            raise TimeoutError(f"the scheduler did not answer within {timeout:g}s") from None
+        finally:
+            self._requests.pop(rid, None)
 
+    def _run(self, coro):
+        """Run ``coro`` on the I/O loop: its result, or an awaitable when asynchronous."""
         if self.asynchronous:
-            return asyncio.wrap_future(self._io.submit(ask()))
-        return self._io.run(ask())
+            return asyncio.wrap_future(self._io.submit(coro))
+        return self._io.run(coro)
 
     @property
     def workers(self) -> list[str]:
@@ -733,6 +855,13 @@ class Client:
         self._unset_dask_default()
 
         async def _close():
+            task = self._reconnecting
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
             comm = self._comm
             if comm is not None and not comm.closed:
                 comm.send(m.CloseClient())

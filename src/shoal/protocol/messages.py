@@ -113,15 +113,29 @@ class CloseClient(Msg, tag=14):
 
 
 class RetireWorkers(Msg, tag=15):
+    """Move the data only these workers hold to others, then stop them
+    (or, with ``close`` unset, leave them connected but idle).  Answered by
+    ``RequestDone`` once done."""
+
     request_id: int
-    workers: list[str]
+    workers: list[str]  # names or addresses
+    close: bool = True
 
 
 class RequestInfo(Msg, tag=16):
     """Ask the scheduler for a snapshot of its state and counters."""
 
     request_id: int
-    validate: bool = False  # also check every invariant of the scheduler's state
+    validate: bool = False  # also check every invariant of its state (costs a pass over all tasks)
+
+
+class ResumeClient(Msg, tag=17):
+    """Sent by a client that reconnected: the keys it still holds futures for.
+
+    The scheduler answers with the current state of each key it knows, lost
+    for each it does not, and releases what the client dropped while away."""
+
+    keys: list[Key]
 
 
 # -- scheduler -> client --------------------------------------------------------
@@ -315,6 +329,20 @@ class CloseWorker(Msg, tag=45):
     reason: str
 
 
+class AcquireData(Msg, tag=48):
+    """Fetch these from the named holders and keep them (answered with
+    ``DataAcquired``, or ``DataMissing`` when a holder fails)."""
+
+    ids: list[int]
+    keys: list[Key]
+    who_has: list[list[int]]  # per id: worker ids holding it
+
+
+class DrainWorker(Msg, tag=49):
+    """The worker is being retired: hand back every task it has not started
+    (``TasksRejected``); it is sent no new ones."""
+
+
 # -- data plane: peers and clients -> worker, and its answers --------------------
 
 
@@ -344,6 +372,7 @@ ToScheduler = Union[
     CloseClient,
     RetireWorkers,
     RequestInfo,
+    ResumeClient,
     TaskFinished,
     TaskErred,
     DataAcquired,
@@ -365,6 +394,8 @@ ToWorker = Union[
     ReleaseData,
     CancelTasks,
     CloseWorker,
+    AcquireData,
+    DrainWorker,
     PeerHello,
     GetData,
     DataResponse,
@@ -391,6 +422,7 @@ CLIENT_TO_SCHEDULER = (
     CloseClient,
     RetireWorkers,
     RequestInfo,
+    ResumeClient,
 )
 WORKER_TO_SCHEDULER = (
     TaskFinished,

@@ -37,7 +37,16 @@ class ClientJoined(Event):
 
 
 class ClientLeft(Event):
+    """The client is gone for good (it said goodbye, or its grace period ran out)."""
+
     cid: str
+
+
+class ClientDisconnected(Event):
+    """The client's connection dropped without a goodbye: it may come back."""
+
+    cid: str
+    now: float = 0.0
 
 
 class WorkerSent(Event):

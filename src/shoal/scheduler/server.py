@@ -18,7 +18,7 @@ from ..comm import Comm, listen
 from ..errors import ProtocolError
 from ..protocol import messages as m
 from .commands import Commands
-from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
+from .events import ClientDisconnected, ClientJoined, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
 from .state import SchedulerState
 
 logger = logging.getLogger("shoal.scheduler")
@@ -133,8 +133,12 @@ class Scheduler:
             logger.info("worker %s joined from %s (%d threads)", hello.name, hello.address, hello.nthreads)
         elif type(hello) is m.RegisterClient:
             cid = hello.client_id
-            if cid in self._client_comms:
-                raise ProtocolError(f"client id {cid!r} is already connected")
+            old = self._client_comms.pop(cid, None)
+            if old is not None:
+                # A client reconnecting before this side noticed its old
+                # connection drop: the new connection replaces the old one.
+                logger.info("client %s reconnected; dropping its previous connection", cid)
+                old.abort()
             comm.info["cid"] = cid
             self._client_comms[cid] = comm
             comm.on_closed = self._on_client_closed
@@ -197,7 +201,7 @@ class Scheduler:
 
     def info(self, validate: bool = False) -> dict:
         """State counts and wire/process counters, for clients and benchmarks;
-        with ``validate``, also ``"invariants"``: "ok" or the first one broken."""
+        with ``validate``, also ``invariant_error``: "" when every invariant holds."""
         proc = psutil.Process()
         cpu = proc.cpu_times()
         mem = proc.memory_info()
@@ -222,9 +226,9 @@ class Scheduler:
         if validate:
             try:
                 self.state.validate()
-                snap["invariants"] = "ok"
+                snap["invariant_error"] = ""
             except AssertionError as e:
-                snap["invariants"] = f"{type(e).__name__}: {e}"
+                snap["invariant_error"] = f"{type(e).__name__}: {e}"
         return snap
 
     def _on_worker_closed(self, comm: Comm, exc) -> None:
@@ -238,9 +242,12 @@ class Scheduler:
 
     def _on_client_closed(self, comm: Comm, exc) -> None:
         cid = comm.info["cid"]
-        if self._client_comms.pop(cid, None) is None:
-            return
-        self._handle([ClientLeft(cid)])
+        if self._client_comms.get(cid) is not comm:
+            return  # replaced by a newer connection of the same client
+        del self._client_comms[cid]
+        # Not gone for good unless it said so (CloseClient): it may reconnect
+        # within the grace period and carry on with its futures.
+        self._handle([ClientDisconnected(cid, time.monotonic())])
 
     # -- the core call --------------------------------------------------------------
 

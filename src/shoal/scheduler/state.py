@@ -27,8 +27,18 @@ from ..protocol import messages as m
 from ..protocol.serialize import serialize
 from ..spec import find_cycle
 from .commands import Commands
-from .events import ClientJoined, ClientLeft, ClientSent, Ticked, WorkerJoined, WorkerLeft, WorkerSent
+from .events import (
+    ClientDisconnected,
+    ClientJoined,
+    ClientLeft,
+    ClientSent,
+    Ticked,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerSent,
+)
 from .placement import LocalityPolicy, PlacementPolicy
+from .retire import Retirements
 from .records import (
     ERRED,
     MEMORY,
@@ -64,6 +74,7 @@ class SchedulerState:
         eager: bool = True,
         allowed_failures: int = 3,
         worker_ttl: float | None = None,
+        client_grace: float = 30.0,
         validate: bool = False,
     ):
         self.policy = policy or LocalityPolicy()
@@ -86,11 +97,18 @@ class SchedulerState:
         self._ahead: list = []  # tasks whose dependents may now go ahead
         self.allowed_failures = allowed_failures
         self.worker_ttl = worker_ttl
+        # How long a client whose connection dropped keeps its futures' data,
+        # so that it can reconnect and carry on (see ``_on_client_resumed``).
+        self.client_grace = client_grace
         self.validate_each = validate
         self.tasks: dict[Any, SchedulerTask] = {}
         self.by_id: dict[int, SchedulerTask] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.clients: dict[str, ClientRecord] = {}
+        self.disconnected: dict[str, float] = {}  # client id -> when its connection dropped
+        self.retirements = Retirements(self)
+        # Workers being retired get no tasks: placement checks this dict.
+        self._retiring = self.retirements.workers
         self.queued: list = []  # heap of (priority, id, task)
         self.unrunnable: set[SchedulerTask] = set()
         # Graphs arriving in parts: client -> generation of the graph.
@@ -111,6 +129,7 @@ class SchedulerState:
             WorkerLeft: self._on_worker_left,
             ClientJoined: self._on_client_joined,
             ClientLeft: self._on_client_left,
+            ClientDisconnected: self._on_client_disconnected,
             Ticked: self._on_ticked,
         }
         self._worker_msg: dict[type, Callable] = {
@@ -130,6 +149,8 @@ class SchedulerState:
             m.CancelKeys: self._on_release_keys,
             m.ClientHeartbeat: lambda cid, msg: None,
             m.CloseClient: lambda cid, msg: self._on_client_left(ClientLeft(cid)),
+            m.ResumeClient: self._on_client_resumed,
+            m.RetireWorkers: self.retirements.request,
         }
         self._table: dict[tuple, Callable] = {
             (RELEASED, WAITING): self._released_to_waiting,
@@ -152,6 +173,8 @@ class SchedulerState:
         self._drain_queue()
         if self._ahead:
             self._send_ahead()
+        if self._retiring or self.retirements.requests:
+            self.retirements.advance()
         self._cmds = Commands()
         if self.validate_each:
             self.validate()
@@ -200,6 +223,8 @@ class SchedulerState:
         self._cmds.worker(ws.wid, m.WorkerWelcome(ws.wid, peers))
         for cid in self.clients:
             self._cmds.client(cid, m.WorkersChanged([ws.address], []))
+        if self._retiring:
+            self.retirements.worker_joined()
         self._retry_unrunnable()
 
     def _on_worker_left(self, ev: WorkerLeft) -> None:
@@ -248,15 +273,34 @@ class SchedulerState:
                     self._mark_erred(ts, ts, serialize(exc), "", recs)
                 else:
                     self._data_lost(ts, recs)
+            elif ts.wanted_by and ts.state is MEMORY:
+                # Clients would still fetch from the worker that left.
+                for cid in ts.wanted_by:
+                    self._tell_in_memory(cid, ts)
         ws.has_what.clear()
+        if self._retiring:
+            self.retirements.worker_left(ws)
         self._transitions(recs)
 
     def _on_client_joined(self, ev: ClientJoined) -> None:
+        if ev.cid in self.clients:
+            # Back within its grace period: its record, and what it wants, stay.
+            self.disconnected.pop(ev.cid, None)
+            return
         self.clients[ev.cid] = ClientRecord(ev.cid, ev.name)
+
+    def _on_client_disconnected(self, ev: ClientDisconnected) -> None:
+        if ev.cid not in self.clients:
+            return  # it said goodbye first (CloseClient)
+        if self.client_grace <= 0:
+            self._on_client_left(ClientLeft(ev.cid))
+        else:
+            self.disconnected[ev.cid] = ev.now
 
     def _on_client_left(self, ev: ClientLeft) -> None:
         if ev.cid not in self.clients:
             return
+        self.disconnected.pop(ev.cid, None)
         self._drop_partial(ev.cid)
         cr = self.clients.pop(ev.cid)
         recs: dict = {}
@@ -267,6 +311,12 @@ class SchedulerState:
         self._transitions(recs)
 
     def _on_ticked(self, ev: Ticked) -> None:
+        if self.disconnected:
+            gone = [cid for cid, since in self.disconnected.items() if ev.now - since >= self.client_grace]
+            for cid in gone:
+                self._on_client_left(ClientLeft(cid))
+        if self._retiring:
+            self.retirements.ticked()
         if self.worker_ttl is None:
             return
         for ws in list(self.workers.values()):
@@ -415,6 +465,43 @@ class SchedulerState:
             return
         self._on_client_left(ClientLeft(cid + PART_HOLDER))
 
+    def _on_client_resumed(self, cid: str, msg: m.ResumeClient) -> None:
+        """A client reconnected and lists the keys it holds futures for.
+
+        It may have missed news while away and dropped futures whose release
+        never arrived: tell it where each key stands now, release what it no
+        longer holds, and name the keys this scheduler does not know (it
+        restarted, or the client was away longer than its grace period)."""
+        client = self.clients[cid]
+        held = {m.as_key(k): None for k in msg.keys}
+        recs: dict = {}
+        lost = []
+        for key in held:  # pinned first, so that no release below drops them
+            ts = self.tasks.get(key)
+            if ts is None:
+                lost.append(key)
+                continue
+            ts.wanted_by.add(cid)
+            client.wants.add(ts)
+            if ts.state is MEMORY:
+                self._tell_in_memory(cid, ts)
+            elif ts.state is ERRED:
+                self._cmds.client(cid, self._erred_msg(ts))
+            elif ts.state is RELEASED:
+                recs[ts] = WAITING  # known from its lineage: computed again
+        for ts in sorted(client.wants, key=_by_id):
+            if ts.key not in held:
+                ts.wanted_by.discard(cid)
+                client.wants.discard(ts)
+                self._maybe_release(ts, recs)
+        if lost:
+            reason = (
+                "the scheduler does not know this key: it restarted, or the client was away "
+                f"longer than its grace period ({self.client_grace:g}s)"
+            )
+            self._cmds.client(cid, m.KeysLost(lost, reason))
+        self._transitions(recs)
+
     def _on_release_keys(self, cid: str, msg) -> None:
         client = self.clients[cid]
         recs: dict = {}
@@ -478,6 +565,8 @@ class SchedulerState:
         self._transitions(recs)
 
     def _on_data_acquired(self, ws: WorkerRecord, msg: m.DataAcquired) -> None:
+        if self._retiring:
+            self.retirements.data_acquired()
         for tid, nbytes in zip(msg.ids, msg.nbytes):
             ts = self.by_id.get(tid)
             if ts is not None and ts.state is MEMORY:
@@ -500,7 +589,8 @@ class SchedulerState:
             holder.nbytes -= ts.nbytes
             if not ts.who_has and ts.state is MEMORY:
                 self._data_lost(ts, recs)
-        # (A holder already removed was forgotten with its worker.)
+        # A holder that left (or was retired) is already gone from who_has;
+        # the worker may still know no other holder.
         if msg.stuck and ts.state is MEMORY:
             # Other holders exist that the worker was never told of: re-send
             # its tasks that need this input, with the current holders.
@@ -622,13 +712,14 @@ class SchedulerState:
             self._placing_unrunnable = False
 
     def _candidates(self, ts: SchedulerTask):
+        retiring = self._retiring
         if ts.workers is None and ts.resources is None:
-            if self.n_paused:
-                return [ws for ws in self.workers.values() if not ws.paused]
+            if retiring or self.n_paused:
+                return [ws for ws in self.workers.values() if ws.wid not in retiring and not ws.paused]
             return self.workers.values()
         out = []
         for ws in self.workers.values():
-            if ws.paused:
+            if ws.paused or ws.wid in retiring:
                 continue
             if ts.workers is not None and not ts.allow_other_workers:
                 if ws.name not in ts.workers and ws.address not in ts.workers:
@@ -717,8 +808,7 @@ class SchedulerState:
                     if ws is not None:
                         self._send(t, ws)  # queues its own dependents in turn
 
-    @staticmethod
-    def _ahead_target(ts: SchedulerTask) -> WorkerRecord | None:
+    def _ahead_target(self, ts: SchedulerTask) -> WorkerRecord | None:
         """The one worker running every input of ``ts`` not yet in memory, if it has room."""
         target = None
         for dep in ts.dependencies:
@@ -728,7 +818,7 @@ class SchedulerState:
             if state is not PROCESSING or (target is not None and dep.processing_on is not target):
                 return None
             target = dep.processing_on
-        if target is None or target.paused or len(target.processing) >= target.room:
+        if target is None or target.paused or len(target.processing) >= target.room or target.wid in self._retiring:
             return None
         return target
 
@@ -741,7 +831,8 @@ class SchedulerState:
 
     def _worker_room(self, ws: WorkerRecord) -> None:
         if ws.wid in self.workers and not ws.paused and len(ws.processing) < ws.room:
-            self.idle.add(ws)
+            if ws.wid not in self._retiring:  # a retiring worker takes no new tasks
+                self.idle.add(ws)
 
     def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
         if ts.resources:
@@ -954,6 +1045,8 @@ class SchedulerState:
             "tasks": by_state,
             "workers": {ws.name: ws.snapshot() for ws in self.workers.values()},
             "clients": sum(1 for cid in self.clients if not cid.endswith(PART_HOLDER)),
+            "clients_disconnected": len(self.disconnected),
+            "retiring": sorted(self.workers[wid].name for wid in self._retiring),
             "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
         }
 

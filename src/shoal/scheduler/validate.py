@@ -79,9 +79,13 @@ def validate_state(state: "SchedulerState") -> None:
             check(ts.state is PROCESSING and ts.processing_on is ws, "worker processes a task not processing there", ts)
         for ts in ws.has_what:
             check(ts.state is MEMORY and ws in ts.who_has, "worker holds a task not in memory there", ts)
-        room = len(ws.processing) < ws.room and not ws.paused
+        room = len(ws.processing) < ws.room and not ws.paused and ws.wid not in state.retirements.workers
         check((ws in state.idle) == room, f"idle set out of sync for worker {ws.wid}")
     check(state.n_paused == sum(ws.paused for ws in state.workers.values()), "paused count out of sync")
+    for wid in state.retirements.workers:
+        check(wid in state.workers, f"retiring worker {wid} is not a worker")
+    for cid in state.disconnected:
+        check(cid in state.clients, f"disconnected client {cid} has no record")
     for cid, cr in state.clients.items():
         for ts in cr.wants:
             check(cid in ts.wanted_by, "client wants a task that does not know it", ts)

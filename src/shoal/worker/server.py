@@ -481,6 +481,8 @@ _FROM_SCHEDULER = (
     m.CloseWorker,
     m.DefineFunction,
     m.ReleaseFunctions,
+    m.AcquireData,
+    m.DrainWorker,
 )
 
 

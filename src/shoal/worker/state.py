@@ -186,6 +186,11 @@ def _by_priority(ts: WorkerTask) -> tuple:
     return ts.priority
 
 
+# Copies asked for by the scheduler are fetched after the inputs of tasks
+# (whose priorities start with a finite number).
+_COPY_PRIORITY = (float("inf"),)
+
+
 class WorkerState:
     def __init__(self, nthreads: int = 1, *, memory: MemoryLimits | None = None, validate: bool = False):
         self.nthreads = nthreads
@@ -214,6 +219,9 @@ class WorkerState:
         self.busy: dict[int, int] = {}
         self.resting: set[int] = set()
         self.functions: dict[int, Any] = {}  # id -> pickled function (Payload)
+        # Data fetched because the scheduler asked for a copy (AcquireData),
+        # kept although no task here needs it; leaves the set once held.
+        self.copies: set[WorkerTask] = set()
         self._cmds = WorkerCommands()
         self._sched_handlers = {
             m.WorkerWelcome: self._on_welcome,
@@ -223,6 +231,8 @@ class WorkerState:
             m.CancelTasks: self._on_cancel,
             m.DefineFunction: self._on_define_function,
             m.ReleaseFunctions: self._on_release_functions,
+            m.AcquireData: self._on_acquire_data,
+            m.DrainWorker: self._on_drain,
         }
         self._handlers = {
             SchedulerSent: self._on_scheduler_sent,
@@ -273,12 +283,18 @@ class WorkerState:
             self.peers.pop(wid, None)
             self.busy.pop(wid, None)
             self.resting.discard(wid)
+            orphans = []
             for ts in self.to_fetch:
                 if wid in ts.who_has:
                     ts.who_has.remove(wid)
-                    if not ts.who_has:
-                        # The scheduler may know holders we were never told of.
-                        self._cmds.to_scheduler.append(m.DataMissing(ts.id, wid, True))
+                    if not any(w in self.peers for w in ts.who_has):
+                        orphans.append(ts)
+            for ts in sorted(orphans, key=_by_priority):
+                # Its last known holder left: the scheduler knows the others
+                # (a copy made before a retirement, say) or recomputes it.
+                self._cmds.to_scheduler.append(m.DataMissing(ts.id, wid, True))
+                if ts in self.copies:
+                    self._drop(ts)  # asked again if still wanted
             if wid in self.in_flight:
                 # Gone (dead, or dropped by the scheduler for silence): its
                 # answer may never come, so do not wait for it.
@@ -348,6 +364,45 @@ class WorkerState:
         else:
             ts.state = READY
             heapq.heappush(self.ready, (ts.priority, ts.id, ts))
+
+    def _on_acquire_data(self, msg: m.AcquireData) -> None:
+        """Fetch and keep copies of data held elsewhere (the scheduler is
+        moving it off a retiring worker)."""
+        held_ids, held_nbytes = [], []
+        for tid, key, holders in zip(msg.ids, msg.keys, msg.who_has):
+            ts = self.tasks.get(tid)
+            if ts is None:
+                ts = WorkerTask(tid, m.as_key(key), FETCH)
+                ts.priority = _COPY_PRIORITY
+                self.tasks[tid] = ts
+                self._fetch_later(ts)
+            elif ts.state is MEMORY:
+                held_ids.append(tid)  # already here: say so again
+                held_nbytes.append(ts.nbytes)
+                continue
+            elif ts.state not in (FETCH, FLIGHT):
+                continue  # a task of ours in some other state: the scheduler asks again later
+            self.copies.add(ts)
+            for w in holders:
+                if w not in ts.who_has and w != self.wid:
+                    ts.who_has.append(w)
+                    self._fetch_dirty = True
+        if held_ids:
+            self._cmds.to_scheduler.append(m.DataAcquired(held_ids, held_nbytes))
+
+    def _on_drain(self, msg: m.DrainWorker) -> None:
+        """Being retired: give back every task not started; running ones finish."""
+        rejected = []
+        for ts in list(self.tasks.values()):
+            if ts.run_spec is None or ts.state in (EXECUTING, CANCELLED, MEMORY):
+                continue
+            rejected.append(ts.id)
+            if ts.state in (WAITING, READY):
+                self._drop(ts)
+            else:  # FETCH/FLIGHT: its value is on the way; it stays an input at most
+                ts.run_spec = None
+        if rejected:
+            self._cmds.to_scheduler.append(m.TasksRejected(rejected))
 
     def _on_release(self, msg: m.ReleaseData) -> None:
         for tid in msg.ids:
@@ -504,7 +559,7 @@ class WorkerState:
             return
         stuck = not any(w in self.peers for w in ts.who_has)
         self._cmds.to_scheduler.append(m.DataMissing(ts.id, peer, stuck))
-        if not ts.dependents:
+        if not ts.dependents and (stuck or ts not in self.copies):
             self._drop(ts)
             return
         ts.state = FETCH
@@ -564,6 +619,7 @@ class WorkerState:
 
     def _to_memory(self, ts: WorkerTask, nbytes: int) -> None:
         self.to_fetch.discard(ts)
+        self.copies.discard(ts)
         ts.state = MEMORY
         ts.nbytes = nbytes
         ts.who_has = []
@@ -580,11 +636,12 @@ class WorkerState:
         if ts.state is MEMORY:
             self._forget_value(ts.id)
         self.to_fetch.discard(ts)
+        self.copies.discard(ts)
         self.tasks.pop(ts.id, None)
         ts.state = CANCELLED  # stale heap entries are skipped
         for dep in ts.deps:
             dep.dependents.discard(ts)
-            if not dep.dependents and dep.run_spec is None and dep.state in (FETCH, FLIGHT):
+            if not dep.dependents and dep.run_spec is None and dep.state in (FETCH, FLIGHT) and dep not in self.copies:
                 if dep.state is FETCH:
                     self._drop(dep)
                 # FLIGHT: dropped (or kept and announced) when the transfer ends.
@@ -673,6 +730,8 @@ class WorkerState:
                 check(ts in d.dependents and d.id in self.tasks, "dependency link broken", ts)
         for ts in self.executing:
             check(ts.state in (EXECUTING, CANCELLED), "executing set holds a non-executing task", ts)
+        for ts in self.copies:
+            check(ts.state in (FETCH, FLIGHT) and self.tasks.get(ts.id) is ts, "copy not being fetched", ts)
         check(len(self.executing) <= self.nthreads, "more tasks executing than threads")
         held = {tid: t.nbytes for tid, t in self.tasks.items() if t.state is MEMORY}
         res = self.residency
