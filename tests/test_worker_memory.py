@@ -330,3 +330,15 @@ def test_busy_rule_paused_sends_one_thing_at_a_time_otherwise_caps_unsent_bytes(
     assert not w._too_busy_for(w._data_comms.copy().pop())  # its own backlog does not count
     w._data_comms = {me}
     assert not w._too_busy_for(me)  # nothing else under way: always served
+
+
+
+def test_trim_heap_runs_on_linux():
+    import sys
+
+    from shoal.worker import memory
+
+    result = memory.trim_heap()  # whether anything went back depends on the heap
+    assert isinstance(result, bool)
+    if sys.platform.startswith("linux"):
+        assert memory._libc, "glibc's malloc_trim should be found on Linux"

@@ -17,6 +17,9 @@ A fraction of 0 turns that step off; a limit of 0 turns them all off.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
+import sys
 from dataclasses import dataclass
 
 
@@ -120,3 +123,23 @@ class Residency:
         assert self.fast_bytes == sum(self.fast.values()) + sum(self.pinned.values()), "fast bytes out of sync"
         assert self.slow_bytes == sum(self.slow.values()), "slow bytes out of sync"
         assert not (set(self.fast) & set(self.slow)), "a value both in memory and on disk"
+
+
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Give memory freed on the C heap back to the system (glibc's
+    ``malloc_trim``); False where that is not available."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    return bool(_libc.malloc_trim(0))

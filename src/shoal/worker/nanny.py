@@ -86,10 +86,6 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        # Large allocations stay mmap'ed (glibc's threshold stops adapting),
-        # so memory a worker frees -- a spilled result -- goes back to the
-        # system and its RSS says what it really holds.  As dask does.
-        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 * 1024))
         self.procs = [self._spawn(args) for args in self.arg_lists]
         codes: dict[int, int] = {}
         while len(codes) < len(self.procs):
