@@ -119,6 +119,8 @@ def scheduler(
 @click.option("--resources", default="", help='Abstract resources, e.g. "GPU=2 MEM=10e9".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface for the worker's data server.")
 @click.option("--zero", is_flag=True, help="Report tasks finished without running them (measures runtime overhead).")
+@click.option("--inline-tasks/--no-inline-tasks", default=True, show_default=True,
+              help="Run functions proven to take microseconds on the event loop's thread, not a task thread.")
 @click.option("--nanny/--no-nanny", default=True, show_default=True,
               help="Run each worker under a supervisor that restarts it after a crash.")
 @click.option("--log-level", default="info", show_default=True)
@@ -136,6 +138,7 @@ def worker(
     resources: str,
     host: str,
     zero: bool,
+    inline_tasks: bool,
     nanny: bool,
     log_level: str,
 ) -> None:
@@ -156,7 +159,7 @@ def worker(
         sys.exit(
             _supervise(
                 scheduler_address, nworkers, nthreads, name, limit, resources, host, log_level, zero,
-                memory=memory, local_directory=local_directory,
+                memory=memory, local_directory=local_directory, inline_tasks=inline_tasks,
             )
         )
     install_uvloop()
@@ -175,6 +178,7 @@ def worker(
             host=host,
             zero=zero,
             local_directory=local_directory,
+            inline_tasks=inline_tasks,
             **memory,
         )
         await w.start()
@@ -199,7 +203,8 @@ def worker(
 
 
 def _supervise(
-    address, n, nthreads, name, limit, resources, host, log_level, zero=False, *, memory: dict, local_directory=None
+    address, n, nthreads, name, limit, resources, host, log_level, zero=False, *, memory: dict, local_directory=None,
+    inline_tasks: bool = True,
 ) -> int:
     """Run ``n`` worker processes under a supervisor that restarts crashed ones
     (and those past the memory limit)."""
@@ -219,6 +224,8 @@ def _supervise(
             args += ["--resources", resources]
         if zero:
             args.append("--zero")
+        if not inline_tasks:
+            args.append("--no-inline-tasks")
         arg_lists.append(args)
     supervisor = Supervisor(
         arg_lists, memory_limit=limit, terminate=memory["memory_terminate"], local_directory=local_directory

@@ -99,6 +99,7 @@ class LocalCluster:
         scheduler_options: dict | None = None,
         log_level: str = "warning",
         zero: bool = False,
+        inline_tasks: bool = True,
     ):
         self.n_workers, self.threads_per_worker = default_sizing(n_workers, threads_per_worker, processes)
         self.processes = processes
@@ -117,6 +118,7 @@ class LocalCluster:
             "memory_terminate": memory_terminate,
         }
         self.local_directory = local_directory
+        self.inline_tasks = inline_tasks
         self.resources = dict(resources or {})
         self.worker_names = worker_names or [f"local-{i}" for i in range(self.n_workers)]
         if len(self.worker_names) != self.n_workers:
@@ -194,6 +196,8 @@ class LocalCluster:
                 args += ["--resources", res]
             if self.zero:
                 args.append("--zero")
+            if not self.inline_tasks:
+                args.append("--no-inline-tasks")
             self._procs.append(spawn(args))
 
     # -- threads ----------------------------------------------------------------------
@@ -219,6 +223,7 @@ class LocalCluster:
                     host=self.host,
                     zero=self.zero,
                     local_directory=self.local_directory,
+                    inline_tasks=self.inline_tasks,
                     # The workers share this process: its memory is no
                     # measure of any one of them, so only results' sizes
                     # (the target fraction) drive spilling.

@@ -71,8 +71,10 @@ class Worker:
         connect_timeout: float = 30.0,
         validate: bool = False,
         zero: bool = False,
+        inline_tasks: bool = True,
     ):
         self.scheduler_address = scheduler_address
+        self.inline_tasks = inline_tasks  # see shoal.worker.executor
         self.nthreads = nthreads
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
         self.memory_limit = memory_limit
@@ -120,7 +122,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._welcomed = asyncio.Event()
         self._closed = asyncio.Event()
-        self._executor = Executor(self.nthreads, self._on_outcomes, loop)
+        self._executor = Executor(self.nthreads, self._on_outcomes, loop, inline=self.inline_tasks)
         self._listener = await listen(f"tcp://{self.host}:{self.port}", self._on_incoming, m.ToWorker)
         self.address = self._listener.address
         try:
@@ -324,6 +326,7 @@ class Worker:
         if len(self._functions) > 2 * len(self.state.functions) + 64:
             for f in [f for f in self._functions if f not in self.state.functions]:
                 del self._functions[f]
+                self._executor.forget(f)
         return fn
 
     def _zero_run(self, tasks: list) -> None:
