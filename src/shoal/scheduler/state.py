@@ -677,7 +677,8 @@ class SchedulerState:
             # Root task: wait in the queue; ``_drain_queue`` hands these out in
             # priority order as workers have room, so inputs are not over-produced.
             ts.state = QUEUED
-            heapq.heappush(self.queued, (ts.priority, ts.id, ts))
+            p = ts.priority  # flattened: comparing nested tuples made popping slow
+            heapq.heappush(self.queued, (p[0], p[1], p[2], ts.id, ts))
             return {}
         if ts.resources and not self._placing_unrunnable:
             # Resource-limited tasks ready together compete for the same
@@ -764,7 +765,7 @@ class SchedulerState:
                 list(ts.priority),
                 [d.id for d in deps],
                 [d.key for d in deps],
-                [[w.wid for w in d.who_has] for d in deps],
+                _holder_ids(deps),
                 fid,
             )
         else:
@@ -774,7 +775,7 @@ class SchedulerState:
     def _drain_queue(self) -> None:
         queued, idle, heappop = self.queued, self.idle, heapq.heappop
         while queued and idle:
-            _, _, ts = heappop(queued)
+            ts = heappop(queued)[-1]
             if ts.state is not QUEUED:
                 continue  # stale entry: released or erred while queued
             ws = self.policy.choose(ts, idle)
@@ -784,7 +785,7 @@ class SchedulerState:
             # the same reduction, which then needs no transfer.
             share = -(-len(queued) // (len(idle) or 1))
             while share > 1 and queued and ws in idle:
-                _, _, ts = heappop(queued)
+                ts = heappop(queued)[-1]
                 if ts.state is QUEUED:
                     self._send(ts, ws)
                     share -= 1
@@ -1047,8 +1048,22 @@ class SchedulerState:
             "clients": sum(1 for cid in self.clients if not cid.endswith(PART_HOLDER)),
             "clients_disconnected": len(self.disconnected),
             "retiring": sorted(self.workers[wid].name for wid in self._retiring),
-            "queued": sum(1 for _, _, t in self.queued if t.state is QUEUED),
+            "queued": sum(1 for e in self.queued if e[-1].state is QUEUED),
         }
+
+
+def _holder_ids(deps: list) -> list:
+    """Per input, the ids of the workers holding it (a loop, not a nested
+    comprehension: a task with 100k inputs made 100k inner function calls)."""
+    out = []
+    for d in deps:
+        holders = d.who_has
+        if len(holders) == 1:
+            for w in holders:
+                out.append([w.wid])
+        else:
+            out.append([w.wid for w in holders])
+    return out
 
 
 def _by_id(ts: SchedulerTask) -> int:

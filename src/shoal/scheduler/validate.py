@@ -63,7 +63,7 @@ def validate_state(state: "SchedulerState") -> None:
             check(bool(ts.dependents or ts.wanted_by), "released task neither needed nor forgotten", ts)
         if ts.state in (MEMORY,):
             check(bool(ts.waiters or ts.wanted_by), "data kept that nobody needs", ts)
-    queued = {t for _, _, t in state.queued if t.state is QUEUED}
+    queued = {e[-1] for e in state.queued if e[-1].state is QUEUED}
     for ts in state.tasks.values():
         if ts.state is QUEUED:
             check(ts in queued, "queued task not in the queue", ts)
@@ -90,4 +90,4 @@ def validate_state(state: "SchedulerState") -> None:
         for ts in cr.wants:
             check(cid in ts.wanted_by, "client wants a task that does not know it", ts)
     if state.queued and state.idle:
-        check(all(t.state is not QUEUED for _, _, t in state.queued), "queued tasks while workers idle")
+        check(all(t.state is not QUEUED for *_, t in state.queued), "queued tasks while workers idle")
