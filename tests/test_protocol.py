@@ -68,6 +68,7 @@ SAMPLES = [
     m.WorkerHeartbeat(2**33, 3, 4, 2**30, 2**31, 7, 2**34, 2**33 + 1),
     m.WorkerPaused(2**32),
     m.WorkerResumed(2**31),
+    m.TasksCancelled([1, 2], [3]),
     m.TasksRejected([5, 6]),
     m.TasksStarted([7, 8]),
     m.WorkerClosing("stopped by signal"),

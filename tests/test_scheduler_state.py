@@ -553,7 +553,10 @@ def test_release_of_a_waiting_graph_cancels_its_running_inputs_and_forgets_all()
     cmds = client_send(s, m.ReleaseKeys(["c"]))
     assert ids_in(cmds, 1, m.CancelTasks) == [a_id]
     assert s.tasks == {} and s.by_id == {}
-    assert not s.workers[1].processing and s.workers[1] in s.idle
+    assert not s.workers[1].processing
+    assert s.workers[1] not in s.idle  # a may still be running there
+    worker_send(s, 1, m.TasksCancelled([a_id]))
+    assert s.workers[1] in s.idle
 
 
 def test_release_keeps_data_another_client_wants():
@@ -622,7 +625,7 @@ def test_close_client_message_acts_like_leaving():
 # -- cancel ----------------------------------------------------------------------------------
 
 
-def test_cancel_of_a_processing_task_sends_cancel_tasks_and_frees_the_slot():
+def test_cancel_of_a_processing_task_frees_its_thread_once_the_worker_says_it_stopped():
     s = setup(nworkers=1, nthreads=1, queue_ahead=0)
     submit(s, {"x": [], "y": []})
     assert s.tasks["x"].state is PROCESSING and s.tasks["y"].state is QUEUED
@@ -630,10 +633,31 @@ def test_cancel_of_a_processing_task_sends_cancel_tasks_and_frees_the_slot():
     cmds = client_send(s, m.CancelKeys(["x"]))
     assert ids_in(cmds, 1, m.CancelTasks) == [x_id]
     assert "x" not in s.tasks
-    assert placed(cmds) == {"y": 1}  # the freed slot is used at once
-    # the worker finished it anyway: the result is dropped
+    # x may still be running: its thread is not free yet.
+    assert not placed(cmds) and s.workers[1].ghosts == {x_id} and s.workers[1].load == 1
+    cmds = worker_send(s, 1, m.TasksCancelled([], [x_id]))  # "still running"
+    assert not placed(cmds)
+    cmds = worker_send(s, 1, m.TasksCancelled([x_id]))  # it stopped
+    assert placed(cmds) == {"y": 1}
+    assert not s.workers[1].ghosts
+
+
+def test_cancelled_task_that_finishes_anyway_frees_its_thread_and_its_result_is_dropped():
+    s = setup(nworkers=1, nthreads=1, queue_ahead=0)
+    submit(s, {"x": [], "y": []})
+    x_id = tid(s, "x")
+    client_send(s, m.CancelKeys(["x"]))
     cmds = worker_send(s, 1, m.TaskFinished(x_id, 10))
     assert ids_in(cmds, 1, m.ReleaseData) == [x_id]
+    assert placed(cmds) == {"y": 1}
+
+
+def test_task_sent_ahead_and_taken_back_holds_no_thread():
+    s = setup(nworkers=1, nthreads=1, eager=True)
+    submit(s, {"a": [], "b": ["a"]}, retries=1)
+    cmds = fail(s, 1, "a")
+    assert tid(s, "b") in ids_in(cmds, 1, m.CancelTasks)
+    assert not s.workers[1].ghosts  # b could not have started: a never finished
 
 
 def test_cancel_of_a_task_wanted_by_another_client_cancels_nothing():
@@ -1533,6 +1557,7 @@ def test_function_is_released_with_the_last_task_naming_it():
     for wid in (1, 2):
         assert to_worker(cmds, wid, m.ReleaseFunctions) == [m.ReleaseFunctions([1])]
         assert s.workers[wid].functions == {}
+        worker_send(s, wid, m.TasksCancelled(ids_in(cmds, wid, m.CancelTasks)))
     assert s.functions == {} and s.function_refs == {}
     # a later graph must define it again, and it is sent again
     cmds = client_send(s, m.SubmitGraph(fspecs(["c"]), ["c"]))

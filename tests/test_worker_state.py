@@ -484,7 +484,8 @@ def test_release_data_while_executing_then_failure_is_silent():
     sched(ws, execute(1))
     sched(ws, m.ReleaseData([1]))
     cmds = ws.handle([TaskFailed(1, serialize(ValueError("x")), "")])
-    assert cmds.to_scheduler == []
+    # No error reported: only that its thread is free.
+    assert cmds.to_scheduler == [m.TasksCancelled([1])]
     assert 1 not in ws.tasks
 
 
@@ -521,7 +522,8 @@ def test_release_of_input_still_needed_locally_is_deferred():
 def test_release_of_unknown_id_is_ignored():
     ws = make_state()
     cmds = sched(ws, m.ReleaseData([12345]), m.CancelTasks([54321]))
-    assert not cmds.forget and not cmds.to_scheduler
+    assert not cmds.forget
+    assert cmds.to_scheduler == [m.TasksCancelled([54321])]  # every cancel is answered
 
 
 def test_cancel_queued_task_drops_it_and_its_unneeded_fetches():
@@ -537,7 +539,7 @@ def test_cancel_queued_task_drops_it_and_its_unneeded_fetches():
     assert ws.tasks[30].state is FETCH and ws.tasks[2].state is READY
 
     cmds = sched(ws, m.CancelTasks([2, 3]))
-    assert cmds.to_scheduler == [] and cmds.forget == []
+    assert cmds.to_scheduler == [m.TasksCancelled([2, 3])] and cmds.forget == []
     assert 2 not in ws.tasks and 3 not in ws.tasks
     assert 30 not in ws.tasks  # the queued fetch went with its only dependent
 

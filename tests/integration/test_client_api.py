@@ -223,12 +223,6 @@ def test_cancel_a_running_task(client, gates):
     assert client.gather(client.map(inc, range(100, 104))) == [101, 102, 103, 104]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a cancelled task that is still running keeps its worker's only thread busy, but the "
-    "scheduler counts that worker as free (load 0) and keeps assigning new tasks to it; they wait behind "
-    "the cancelled task although the other worker is idle (no stealing / no report of the busy thread)",
-)
 def test_new_work_does_not_wait_behind_a_cancelled_running_task(client, gates):
     g, started = gates()
     fut = client.submit(gate, g, started)

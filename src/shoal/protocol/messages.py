@@ -273,6 +273,16 @@ class TasksRejected(Msg, tag=35):
     ids: list[int]
 
 
+class TasksCancelled(Msg, tag=18):
+    """The answer to CancelTasks, and its sequel: ``stopped`` tasks hold no
+    thread here (dropped, or finished since); ``running`` ones could not be
+    stopped and keep a thread busy until a later TasksCancelled (or their
+    TaskFinished) lists them."""
+
+    stopped: list[int]
+    running: list[int] = []
+
+
 # -- scheduler -> worker --------------------------------------------------------
 
 
@@ -379,6 +389,7 @@ ToScheduler = Union[
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksCancelled,
     TasksStarted,
     WorkerClosing,
     WorkerPaused,
@@ -431,6 +442,7 @@ WORKER_TO_SCHEDULER = (
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksCancelled,
     TasksStarted,
     WorkerClosing,
     WorkerPaused,

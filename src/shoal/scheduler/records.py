@@ -118,6 +118,8 @@ class WorkerRecord:
         "functions",
         "functions_dropped",
         "room",
+        "ahead",
+        "ghosts",
         "mean_duration",
         "mean_nbytes",
         "paused",
@@ -145,6 +147,10 @@ class WorkerRecord:
         # How many tasks it may hold (threads + queue), sized by the scheduler
         # from the running means of its tasks' durations and result sizes.
         self.room = self.nthreads
+        self.ahead = 0  # tasks it may hold beyond its threads
+        # Tasks cancelled here that may still run, each keeping a thread busy
+        # until the worker says it stopped (TasksCancelled).
+        self.ghosts: set[int] = set()
         self.mean_duration = -1.0  # < 0: nothing measured yet
         self.mean_nbytes = 0.0
         self.paused = False  # short of memory: runs nothing new, gets nothing new
@@ -152,7 +158,7 @@ class WorkerRecord:
 
     @property
     def load(self) -> float:
-        return len(self.processing) / self.nthreads
+        return (len(self.processing) + len(self.ghosts)) / self.nthreads
 
     def snapshot(self) -> dict:
         hb = self.heartbeat

@@ -140,6 +140,7 @@ class SchedulerState:
             m.WorkerHeartbeat: self._on_heartbeat,
             m.TasksRejected: self._on_tasks_rejected,
             m.TasksStarted: self._on_tasks_started,
+            m.TasksCancelled: self._on_tasks_cancelled,
             m.WorkerPaused: self._on_worker_paused,
             m.WorkerResumed: self._on_worker_resumed,
         }
@@ -214,6 +215,7 @@ class SchedulerState:
 
     def _on_worker_joined(self, ev: WorkerJoined) -> None:
         ws = WorkerRecord(ev.wid, ev.name, ev.address, ev.nthreads, ev.memory_limit, ev.resources, ev.now)
+        ws.ahead = self.queue_ahead
         ws.room = ws.nthreads + self.queue_ahead
         peers = [m.PeerInfo(o.wid, o.address) for o in self.workers.values()]
         for other in self.workers.values():
@@ -517,6 +519,9 @@ class SchedulerState:
     # -- worker messages ---------------------------------------------------------
 
     def _on_task_finished(self, ws: WorkerRecord, msg: m.TaskFinished) -> None:
+        if ws.ghosts and msg.id in ws.ghosts:
+            ws.ghosts.discard(msg.id)  # finished after all (its result is wanted here)
+            self._resize(ws)
         ts = self.by_id.get(msg.id)
         if ts is not None and ts.state is PROCESSING and ts.processing_on is ws:
             if self.queue_seconds:
@@ -541,10 +546,23 @@ class SchedulerState:
             ws.mean_nbytes += 0.1 * (nbytes - ws.mean_nbytes)
         by_time = self.queue_seconds * ws.nthreads / max(ws.mean_duration, 1e-6)
         by_bytes = self.queue_bytes / max(ws.mean_nbytes, 1.0)
-        ahead = max(self.queue_ahead, int(min(self.queue_max, by_time, by_bytes)))
-        ws.room = ws.nthreads + ahead
+        ws.ahead = max(self.queue_ahead, int(min(self.queue_max, by_time, by_bytes)))
+        self._resize(ws)
+
+    def _resize(self, ws: WorkerRecord) -> None:
+        """Its room: free threads (those not held by cancelled tasks still
+        running) plus its queue; none while every thread is held."""
+        free = ws.nthreads - len(ws.ghosts) if ws.ghosts else ws.nthreads
+        ws.room = free + ws.ahead if free > 0 else 0
         if len(ws.processing) >= ws.room:
             self.idle.discard(ws)
+        else:
+            self._worker_room(ws)
+
+    def _on_tasks_cancelled(self, ws: WorkerRecord, msg: m.TasksCancelled) -> None:
+        if ws.ghosts:
+            ws.ghosts.difference_update(msg.stopped)
+            self._resize(ws)
 
     def _on_task_erred(self, ws: WorkerRecord, msg: m.TaskErred) -> None:
         ts = self.by_id.get(msg.id)
@@ -738,6 +756,9 @@ class SchedulerState:
         return out
 
     def _send(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
+        if ws.ghosts and ts.id in ws.ghosts:
+            ws.ghosts.discard(ts.id)  # cancelled and sent again: the worker keeps running it
+            self._resize(ws)
         ts.state = PROCESSING
         ts.processing_on = ws
         ws.processing.add(ts)
@@ -973,6 +994,13 @@ class SchedulerState:
             self._cmds.worker(wid, m.ReleaseData([tid]))
 
     def _cancel_on(self, wid: int, tid: int) -> None:
+        ws = self.workers.get(wid)
+        ts = self.by_id.get(tid)
+        if ws is not None and ts is not None and all(d.state is MEMORY for d in ts.dependencies):
+            # It may be running there (its inputs exist): its thread counts
+            # as busy until the worker answers (TasksCancelled).
+            ws.ghosts.add(tid)
+            self._resize(ws)
         msgs = self._cmds.to_workers.get(wid)
         if msgs and type(msgs[-1]) is m.CancelTasks:
             msgs[-1].ids.append(tid)

@@ -235,9 +235,8 @@ class Worker:
     async def _monitor_memory(self) -> None:
         # Memory the worker freed (a spilled result, say) may stay in glibc's
         # heap and keep RSS high: above the spill threshold, hand it back
-        # first, so spilling and pausing act on what is really held.  (Not
-        # MALLOC_TRIM_THRESHOLD_, as dask sets: it makes every allocation over
-        # 128 KiB an mmap, which cost 10-15% on the dataframe benchmarks.)
+        # first, so spilling and pausing act on what is really held (see
+        # also MALLOC_MMAP_THRESHOLD_ in nanny.py).
         limits = self.limits
         high = limits.bytes(limits.spill) or limits.bytes(limits.pause)
         while True:

@@ -420,16 +420,27 @@ class WorkerState:
             # FETCH/FLIGHT entries go when their last dependent does.
 
     def _on_cancel(self, msg: m.CancelTasks) -> None:
+        # Every id is answered: the scheduler counts a thread busy for each
+        # until it hears that the task is not (or no longer) running.
+        stopped, running = [], []
         for tid in msg.ids:
             ts = self.tasks.get(tid)
+            if ts is not None and ts.state is CANCELLED:
+                running.append(tid)  # cancelled before, still running
+                continue
             if ts is None or ts.run_spec is None:
+                stopped.append(tid)
                 continue
             if ts.state is EXECUTING:
                 ts.state = CANCELLED
-            elif ts.state in (WAITING, READY):
+                running.append(tid)
+                continue
+            if ts.state in (WAITING, READY):
                 self._drop(ts)
             elif ts.state in (FETCH, FLIGHT):
                 ts.run_spec = None  # no longer ours to run; maybe still an input
+            stopped.append(tid)
+        self._cmds.to_scheduler.append(m.TasksCancelled(stopped, running))
 
     # -- executor and transfer results ------------------------------------------------
 
@@ -441,6 +452,7 @@ class WorkerState:
         if ts.state is CANCELLED and not self._needed_here(ts):
             self._cmds.forget.append(ts.id)
             self._drop(ts)
+            self._cmds.to_scheduler.append(m.TasksCancelled([ts.id]))  # its thread is free
             return
         self._to_memory(ts, ev.nbytes)
         self._cmds.to_scheduler.append(m.TaskFinished(ts.id, ev.nbytes, ev.type_name, ev.duration))
@@ -460,13 +472,15 @@ class WorkerState:
                     if dts.state is WAITING:
                         stack.append(dts)
                         self._drop(dts)
-        elif self._needed_here(ts):
-            # Released, then needed again as another task's input: fetch it
-            # from the holders the scheduler named.
-            ts.run_spec = None
-            ts.state = FETCH
-            self._fetch_later(ts)
-            return
+        else:
+            self._cmds.to_scheduler.append(m.TasksCancelled([ts.id]))  # its thread is free
+            if self._needed_here(ts):
+                # Released, then needed again as another task's input: fetch
+                # it from the holders the scheduler named.
+                ts.run_spec = None
+                ts.state = FETCH
+                self._fetch_later(ts)
+                return
         self._drop(ts)
 
     @staticmethod
