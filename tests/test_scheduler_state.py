@@ -1773,9 +1773,11 @@ def test_lost_worker_does_not_blame_tasks_that_were_only_sent_ahead():
 # -- a simulated cluster driving the real core ------------------------------------------------------
 
 
-def _simulate(seed: int, eager: bool, n_tasks: int = 60) -> tuple[set, set]:
-    """Random DAG, random finishes / failures / worker losses; validate() runs after
-    every handle().  Returns (keys reported in memory, keys reported erred)."""
+def _simulate(seed: int, eager: bool, n_tasks: int = 60, stolen: list | None = None) -> tuple[set, set]:
+    """Random DAG, random finishes / failures / worker losses, steal requests
+    answered late; validate() runs after every handle().  Returns (keys
+    reported in memory, keys reported erred); ids given back to a steal are
+    appended to ``stolen``."""
     import random
 
     rng = random.Random(seed)
@@ -1791,6 +1793,7 @@ def _simulate(seed: int, eager: bool, n_tasks: int = 60) -> tuple[set, set]:
         next_wid += 1
 
     done, erred = set(), set()
+    steals: list = []  # (wid, StealTasks) not answered yet
 
     def apply(cmds):
         for wid, msgs in cmds.to_workers.items():
@@ -1807,8 +1810,20 @@ def _simulate(seed: int, eager: bool, n_tasks: int = 60) -> tuple[set, set]:
                     for i in x.ids:
                         w["have"].discard(i)
                         w["run"].pop(i, None)
+                elif isinstance(x, m.StealTasks):
+                    steals.append((wid, x))
         done.update(in_memory_keys(cmds))
         erred.update(x.key for x in to_client(cmds, m.KeyErred))
+
+    def answer_steal():
+        # Nothing here has started: every task still listed is given back.
+        wid, x = steals.pop(rng.randrange(len(steals)))
+        if wid in live:
+            given = [i for i in x.ids if live[wid]["run"].pop(i, None) is not None]
+            kept = [i for i in x.ids if i not in given]
+            if stolen is not None:
+                stolen.extend(given)
+            apply(worker_send(s, wid, m.TasksStolen(given, kept)))
 
     for _ in range(2):
         add_worker()
@@ -1828,7 +1843,9 @@ def _simulate(seed: int, eager: bool, n_tasks: int = 60) -> tuple[set, set]:
             if all(d in w["have"] or any(d in o["have"] for o in live.values()) for d in x.deps)
         ]
         roll = rng.random()
-        if roll < 0.03 and len(live) > 1:
+        if steals and (roll < 0.2 or not runnable):
+            answer_steal()
+        elif roll < 0.03 and len(live) > 1:
             wid = rng.choice(sorted(live))
             del live[wid]
             apply(s.handle([WorkerLeft(wid, "killed")]))
@@ -1853,6 +1870,13 @@ def _simulate(seed: int, eager: bool, n_tasks: int = 60) -> tuple[set, set]:
 def test_simulated_cluster_finishes_every_wanted_key(seed):
     done, erred = _simulate(seed, eager=True)
     assert done  # something succeeded (failures are 10% of runs, with a retry each)
+
+
+def test_simulated_cluster_steals_and_still_finishes():
+    stolen: list = []
+    for seed in range(12):
+        _simulate(seed, eager=True, n_tasks=120, stolen=stolen)
+    assert stolen, "no simulated worker ever gave a task back"
 
 
 def test_simulation_gives_the_same_outcome_with_and_without_sending_ahead():

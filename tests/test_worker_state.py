@@ -714,6 +714,30 @@ def test_drain_hands_back_tasks_not_started_and_lets_the_running_one_finish():
     assert finished_ids(cmds) == [1] and not cmds.run
 
 
+def test_steal_gives_back_what_has_not_started_and_keeps_the_rest():
+    ws = make_state(nthreads=1)
+    sched(ws, execute(1, prio=(0,)), execute(2, prio=(1,)), execute(3, prio=(2,), deps=[9], who_has=[[1]]))
+    assert ws.tasks[1].state is EXECUTING and ws.tasks[2].state is READY and ws.tasks[3].state is WAITING
+    cmds = sched(ws, m.StealTasks([3, 2, 1, 42]))
+    (answer,) = of_type(cmds, m.TasksStolen)
+    # 3 (fetching its input) and 2 (ready) go; 1 runs; 42 is unknown here.
+    assert answer.ids == [3, 2] and answer.kept == [1, 42]
+    # 9 was fetched for 3 alone: it has no user left, and goes when its transfer ends.
+    assert set(ws.tasks) == {1, 9} and ws.tasks[9].state is FLIGHT and not ws.tasks[9].dependents
+    cmds = ws.handle([TaskCompleted(1, 8)])
+    assert finished_ids(cmds) == [1] and not cmds.run  # 2 does not run here
+
+
+def test_steal_keeps_a_finished_task():
+    ws = make_state(nthreads=1)
+    sched(ws, execute(1))
+    ws.handle([TaskCompleted(1, 8)])
+    cmds = sched(ws, m.StealTasks([1]))
+    (answer,) = of_type(cmds, m.TasksStolen)
+    assert answer.ids == [] and answer.kept == [1]
+    assert ws.tasks[1].state is MEMORY
+
+
 def test_input_whose_last_known_holder_left_is_reported_stuck():
     ws = make_state()
     cmds = sched(ws, execute(1, deps=[5], who_has=[[1]]))

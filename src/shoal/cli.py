@@ -68,9 +68,17 @@ def main() -> None:
 @click.option("--client-grace", default="30s", show_default=True,
               help="Keep the data of a client whose connection dropped this long, so it can reconnect "
                    "and carry on (e.g. 30s, 2m; 0 releases it at once).")
+@click.option("--work-stealing/--no-work-stealing", default=True, show_default=True,
+              help="Let workers with free threads take tasks that busy workers have not started.")
 @click.option("--log-level", default="info", show_default=True)
 def scheduler(
-    host: str, port: int, scheduler_file: str | None, worker_ttl: float | None, client_grace: str, log_level: str
+    host: str,
+    port: int,
+    scheduler_file: str | None,
+    worker_ttl: float | None,
+    client_grace: str,
+    work_stealing: bool,
+    log_level: str,
 ) -> None:
     """Run the scheduler."""
     from .scheduler.server import Scheduler
@@ -84,7 +92,7 @@ def scheduler(
     _tune_gc()
 
     async def start():
-        s = Scheduler(host, port, worker_ttl=worker_ttl or None, client_grace=grace)
+        s = Scheduler(host, port, worker_ttl=worker_ttl or None, client_grace=grace, steal=work_stealing)
         await s.start()
         if scheduler_file:
             tmp = scheduler_file + ".tmp"

@@ -273,6 +273,15 @@ class TasksRejected(Msg, tag=35):
     ids: list[int]
 
 
+class TasksStolen(Msg, tag=19):
+    """The answer to StealTasks: ``ids`` were not started and are dropped
+    here (the scheduler runs them elsewhere); ``kept`` had started, finished
+    or were unknown, and stay this worker's business."""
+
+    ids: list[int]
+    kept: list[int] = []
+
+
 class TasksCancelled(Msg, tag=18):
     """The answer to CancelTasks, and its sequel: ``stopped`` tasks hold no
     thread here (dropped, or finished since); ``running`` ones could not be
@@ -353,6 +362,13 @@ class DrainWorker(Msg, tag=49):
     (``TasksRejected``); it is sent no new ones."""
 
 
+class StealTasks(Msg, tag=52):
+    """Another worker has free threads: give back those of these tasks not
+    started yet.  Always answered with ``TasksStolen``."""
+
+    ids: list[int]
+
+
 # -- data plane: peers and clients -> worker, and its answers --------------------
 
 
@@ -389,6 +405,7 @@ ToScheduler = Union[
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksStolen,
     TasksCancelled,
     TasksStarted,
     WorkerClosing,
@@ -407,6 +424,7 @@ ToWorker = Union[
     CloseWorker,
     AcquireData,
     DrainWorker,
+    StealTasks,
     PeerHello,
     GetData,
     DataResponse,
@@ -442,6 +460,7 @@ WORKER_TO_SCHEDULER = (
     DataMissing,
     WorkerHeartbeat,
     TasksRejected,
+    TasksStolen,
     TasksCancelled,
     TasksStarted,
     WorkerClosing,

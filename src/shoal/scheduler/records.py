@@ -164,6 +164,9 @@ class WorkerRecord:
         hb = self.heartbeat
         return {
             "processing": len(self.processing),
+            # Cancelled tasks that may still hold a thread there.
+            "cancelled_running": len(self.ghosts),
+            "room": self.room,
             "stored": len(self.has_what),
             "nbytes": self.nbytes,
             "paused": self.paused,

@@ -39,6 +39,7 @@ from .events import (
 )
 from .placement import LocalityPolicy, PlacementPolicy
 from .retire import Retirements
+from .steal import Stealing
 from .records import (
     ERRED,
     MEMORY,
@@ -72,6 +73,7 @@ class SchedulerState:
         queue_max: int = 1024,
         queue_bytes: int = 64 * 2**20,
         eager: bool = True,
+        steal: bool = True,
         allowed_failures: int = 3,
         worker_ttl: float | None = None,
         client_grace: float = 30.0,
@@ -95,6 +97,9 @@ class SchedulerState:
         # inputs).  Taken back (``_retract_ahead``) if an input does not finish there.
         self.eager = eager
         self._ahead: list = []  # tasks whose dependents may now go ahead
+        # Workers with free threads take unstarted tasks from busy ones
+        # (see ``steal.py``); None: never.
+        self.stealing = Stealing(self) if steal else None
         self.allowed_failures = allowed_failures
         self.worker_ttl = worker_ttl
         # How long a client whose connection dropped keeps its futures' data,
@@ -141,6 +146,7 @@ class SchedulerState:
             m.TasksRejected: self._on_tasks_rejected,
             m.TasksStarted: self._on_tasks_started,
             m.TasksCancelled: self._on_tasks_cancelled,
+            m.TasksStolen: self._on_tasks_stolen,
             m.WorkerPaused: self._on_worker_paused,
             m.WorkerResumed: self._on_worker_resumed,
         }
@@ -174,6 +180,8 @@ class SchedulerState:
         self._drain_queue()
         if self._ahead:
             self._send_ahead()
+        if self.stealing is not None and self.stealing.hungry:
+            self.stealing.balance()
         if self._retiring or self.retirements.requests:
             self.retirements.advance()
         self._cmds = Commands()
@@ -222,6 +230,8 @@ class SchedulerState:
             self._cmds.worker(other.wid, m.PeersChanged([m.PeerInfo(ws.wid, ws.address)], []))
         self.workers[ws.wid] = ws
         self.idle.add(ws)
+        if self.stealing is not None:
+            self.stealing.hungry.add(ws)  # it may take work queued elsewhere
         self._cmds.worker(ws.wid, m.WorkerWelcome(ws.wid, peers))
         for cid in self.clients:
             self._cmds.client(cid, m.WorkersChanged([ws.address], []))
@@ -282,6 +292,8 @@ class SchedulerState:
         ws.has_what.clear()
         if self._retiring:
             self.retirements.worker_left(ws)
+        if self.stealing is not None:
+            self.stealing.worker_left(ws)
         self._transitions(recs)
 
     def _on_client_joined(self, ev: ClientJoined) -> None:
@@ -319,6 +331,8 @@ class SchedulerState:
                 self._on_client_left(ClientLeft(cid))
         if self._retiring:
             self.retirements.ticked()
+        if self.stealing is not None:
+            self.stealing.ticked()
         if self.worker_ttl is None:
             return
         for ws in list(self.workers.values()):
@@ -563,6 +577,10 @@ class SchedulerState:
         if ws.ghosts:
             ws.ghosts.difference_update(msg.stopped)
             self._resize(ws)
+
+    def _on_tasks_stolen(self, ws: WorkerRecord, msg: m.TasksStolen) -> None:
+        if self.stealing is not None:  # (without it, nothing was asked)
+            self.stealing.answered(ws, msg)
 
     def _on_task_erred(self, ws: WorkerRecord, msg: m.TaskErred) -> None:
         ts = self.by_id.get(msg.id)
@@ -852,9 +870,12 @@ class SchedulerState:
                 self._reset_processing(dts, recs)
 
     def _worker_room(self, ws: WorkerRecord) -> None:
-        if ws.wid in self.workers and not ws.paused and len(ws.processing) < ws.room:
+        n = len(ws.processing)
+        if ws.wid in self.workers and not ws.paused and n < ws.room:
             if ws.wid not in self._retiring:  # a retiring worker takes no new tasks
                 self.idle.add(ws)
+                if n < ws.nthreads and self.stealing is not None:
+                    self.stealing.hungry.add(ws)
 
     def _free_resources(self, ts: SchedulerTask, ws: WorkerRecord) -> None:
         if ts.resources:

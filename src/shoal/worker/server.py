@@ -495,6 +495,7 @@ _FROM_SCHEDULER = (
     m.ReleaseFunctions,
     m.AcquireData,
     m.DrainWorker,
+    m.StealTasks,
 )
 
 

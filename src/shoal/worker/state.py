@@ -233,6 +233,7 @@ class WorkerState:
             m.ReleaseFunctions: self._on_release_functions,
             m.AcquireData: self._on_acquire_data,
             m.DrainWorker: self._on_drain,
+            m.StealTasks: self._on_steal,
         }
         self._handlers = {
             SchedulerSent: self._on_scheduler_sent,
@@ -403,6 +404,18 @@ class WorkerState:
                 ts.run_spec = None
         if rejected:
             self._cmds.to_scheduler.append(m.TasksRejected(rejected))
+
+    def _on_steal(self, msg: m.StealTasks) -> None:
+        """Another worker has free threads: give back what has not started."""
+        given, kept = [], []
+        for tid in msg.ids:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.run_spec is not None and ts.state in (WAITING, READY):
+                self._drop(ts)
+                given.append(tid)
+            else:
+                kept.append(tid)  # running, done, or its value is on the way
+        self._cmds.to_scheduler.append(m.TasksStolen(given, kept))
 
     def _on_release(self, msg: m.ReleaseData) -> None:
         for tid in msg.ids:
