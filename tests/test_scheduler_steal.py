@@ -124,5 +124,5 @@ def test_a_thief_that_left_meanwhile_gets_nothing():
 
 
 def test_stealing_can_be_turned_off():
-    s, cmds = backlog(4, steal=False)
+    s, cmds = backlog(4, work_stealing=False)
     assert not steal_ids(cmds)

@@ -92,7 +92,7 @@ def scheduler(
     _tune_gc()
 
     async def start():
-        s = Scheduler(host, port, worker_ttl=worker_ttl or None, client_grace=grace, steal=work_stealing)
+        s = Scheduler(host, port, worker_ttl=worker_ttl or None, client_grace=grace, work_stealing=work_stealing)
         await s.start()
         if scheduler_file:
             tmp = scheduler_file + ".tmp"

@@ -147,7 +147,11 @@ class LocalCluster:
         args = ["scheduler", "--host", self.host, "--port", str(port), "--scheduler-file", path,
                 "--log-level", self.log_level]
         for k, v in self.scheduler_options.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
+            flag = k.replace("_", "-")
+            if isinstance(v, bool):  # on/off switches: --work-stealing / --no-work-stealing
+                args.append(f"--{flag}" if v else f"--no-{flag}")
+            else:
+                args += [f"--{flag}", str(v)]
         self._scheduler_proc = spawn(args)
         deadline = time.monotonic() + self.timeout
         try:

@@ -73,7 +73,7 @@ class SchedulerState:
         queue_max: int = 1024,
         queue_bytes: int = 64 * 2**20,
         eager: bool = True,
-        steal: bool = True,
+        work_stealing: bool = True,
         allowed_failures: int = 3,
         worker_ttl: float | None = None,
         client_grace: float = 30.0,
@@ -99,7 +99,7 @@ class SchedulerState:
         self._ahead: list = []  # tasks whose dependents may now go ahead
         # Workers with free threads take unstarted tasks from busy ones
         # (see ``steal.py``); None: never.
-        self.stealing = Stealing(self) if steal else None
+        self.stealing = Stealing(self) if work_stealing else None
         self.allowed_failures = allowed_failures
         self.worker_ttl = worker_ttl
         # How long a client whose connection dropped keeps its futures' data,
