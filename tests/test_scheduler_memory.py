@@ -118,7 +118,7 @@ def test_missing_data_reported_against_a_holder_already_gone_resends_the_task():
     finish(s, 1, "x")
     submit(s, {"y": ["x"]}, workers=["w2"])
     worker_send(s, 3, m.DataAcquired([tid(s, "x")], [10]))
-    assert s.tasks["x"].who_has == {s.workers[1], s.workers[3]}
+    assert set(s.tasks["x"].who_has) == {s.workers[1], s.workers[3]}
     s.handle([WorkerLeft(1, "connection lost")])
     # Worker 2 learns that worker 1 left and knows no other holder.
     cmds = worker_send(s, 2, m.DataMissing(tid(s, "x"), 1, True))

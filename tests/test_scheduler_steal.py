@@ -7,6 +7,7 @@ from shoal.protocol import messages as m
 from shoal.scheduler.events import Ticked, WorkerLeft
 from shoal.scheduler.records import PROCESSING
 from test_scheduler_state import (
+    RUN,
     client_send,
     finish,
     ids_in,
@@ -72,8 +73,8 @@ def test_a_tick_looks_again_for_work_for_idle_workers():
 def test_tasks_that_cannot_move_are_not_asked_for():
     s = setup(nworkers=1, queue_ahead=8, eager=True)
     submit(s, {"a": [], "b": ["a"]})  # b is sent ahead to wait for a on worker 1
-    submit(s, {"pinned": m.TaskSpec("pinned", [], s.tasks["a"].run_spec, workers=["w1"])})
-    submit(s, {"gpu": m.TaskSpec("gpu", [], s.tasks["a"].run_spec, resources={"GPU": 1})})
+    submit(s, {"pinned": m.TaskSpec("pinned", [], RUN, workers=["w1"])})
+    submit(s, {"gpu": m.TaskSpec("gpu", [], RUN, resources={"GPU": 1})})
     assert s.tasks["b"].state is PROCESSING and s.tasks["b"].processing_on.wid == 1
     cmds = join_worker(s, 2)
     # a has a dependent waiting for it there; b waits for a; pinned and gpu are restricted.

@@ -33,6 +33,13 @@ MEMORY = TaskState.MEMORY
 ERRED = TaskState.ERRED
 
 
+# The ``wanted_by`` of a task no client wants (shared: never mutated).
+NOBODY: frozenset = frozenset()
+# Dependents are kept in a list up to this many, then in a dict: removing
+# one from a list is a scan, and a widely shared input may have 100k.
+SMALL_DEPENDENTS = 32
+
+
 class SchedulerTask:
     """The scheduler's view of one task (the worker's is ``WorkerTask``)."""
 
@@ -45,6 +52,7 @@ class SchedulerTask:
         "dependencies",
         "dependents",
         "waiters",
+        "needs_inputs",
         "waiting_on",
         "who_has",
         "processing_on",
@@ -67,21 +75,34 @@ class SchedulerTask:
     def __init__(self, id: int, key: Any, run_spec, priority: tuple):
         self.id = id
         self.key = key
-        self.run_spec = run_spec
+        self.run_spec = run_spec  # a Payload, or its one frame as bytes
         self.state = TaskState.RELEASED
         self.priority = priority
-        self.dependencies: list[SchedulerTask] = []
-        # Ordered sets (dicts with None values): iteration order must not
-        # depend on object identity, so the same events give the same result.
-        self.dependents: dict[SchedulerTask, None] = {}
-        # Dependents that still need this task's data (not yet in memory).
-        self.waiters: dict[SchedulerTask, None] = {}
+        # Per-task containers start as the shared empty tuple and are made
+        # when first filled: a scheduler holds millions of tasks, and an empty
+        # list, dict or set costs 56 to 216 bytes each.
+        self.dependencies: list[SchedulerTask] | tuple = ()
+        # In insertion order, never by identity, so the same events give the
+        # same result: a list while small (a dict of one entry costs 224
+        # bytes, a list 64), an ordered set (a dict) once removals from a list
+        # would cost too much (see ``add_dependent``).
+        self.dependents: list[SchedulerTask] | dict[SchedulerTask, None] | tuple = ()
+        # How many dependents still need this task's data (those with
+        # ``needs_inputs`` set): a count, not a collection, because most
+        # tasks have one dependent and a dict per task cost 224 bytes.
+        self.waiters = 0
+        # Counted among its dependencies' waiters: from when it starts
+        # waiting for them until it is in memory, released, erred or forgotten.
+        self.needs_inputs = False
         self.waiting_on = 0  # dependencies not in memory, while WAITING
-        self.who_has: set[WorkerRecord] = set()
+        # The workers holding its data.  A list: usually one holder, and a
+        # set costs 216 bytes even when empty.
+        self.who_has: list[WorkerRecord] | tuple = ()
         self.processing_on: WorkerRecord | None = None
         self.nbytes = 0
         self.type_name = ""
-        self.wanted_by: set[str] = set()  # client ids holding futures
+        # Client ids holding futures: a set once one does (see ``want``).
+        self.wanted_by: set[str] | frozenset = NOBODY
         self.retries = 0
         self.crashes = 0
         self.exception = None  # Payload
@@ -93,6 +114,67 @@ class SchedulerTask:
         self.scattered = False
         self.func = ""  # token of a shared function, if any
         self.started_on: WorkerRecord | None = None  # the worker that said it began running it
+
+    def want(self, cid: str) -> None:
+        if self.wanted_by:
+            self.wanted_by.add(cid)
+        else:
+            self.wanted_by = {cid}
+
+    def unwant(self, cid: str) -> None:
+        wanted_by = self.wanted_by
+        if cid in wanted_by:
+            if len(wanted_by) == 1:
+                self.wanted_by = NOBODY  # most tasks are never wanted: no empty set each
+            else:
+                wanted_by.discard(cid)
+
+    def add_holder(self, ws: "WorkerRecord") -> bool:
+        who_has = self.who_has
+        if not who_has:
+            self.who_has = [ws]
+        elif ws in who_has:
+            return False
+        else:
+            who_has.append(ws)
+        return True
+
+    def remove_holder(self, ws: "WorkerRecord") -> bool:
+        who_has = self.who_has
+        if ws not in who_has:
+            return False
+        if len(who_has) == 1:
+            self.who_has = ()
+        else:
+            who_has.remove(ws)
+        return True
+
+    def add_dependent(self, dts: "SchedulerTask") -> None:
+        """Record ``dts`` (not already recorded) as a dependent."""
+        deps = self.dependents
+        if type(deps) is dict:
+            deps[dts] = None
+        elif not deps:
+            self.dependents = [dts]
+        elif len(deps) < SMALL_DEPENDENTS:
+            deps.append(dts)
+        else:
+            deps = self.dependents = dict.fromkeys(deps)
+            deps[dts] = None
+
+    def remove_dependent(self, dts: "SchedulerTask") -> None:
+        deps = self.dependents
+        if type(deps) is dict:
+            deps.pop(dts, None)
+        elif dts in deps:
+            if len(deps) == 1:
+                self.dependents = ()
+            else:
+                deps.remove(dts)
+
+    def waiting_dependents(self) -> list:
+        """The dependents counted in ``waiters``."""
+        return [dts for dts in self.dependents if dts.needs_inputs]
 
     def __repr__(self) -> str:
         return f"<SchedulerTask {self.key!r} {self.state.value}>"

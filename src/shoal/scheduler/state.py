@@ -20,11 +20,12 @@ a released task is forgotten once it has no dependents left.
 from __future__ import annotations
 
 import heapq
+from sys import intern as _intern
 from typing import Any, Callable, Iterable
 
 from ..errors import FutureLostError, KilledWorkerError
 from ..protocol import messages as m
-from ..protocol.serialize import serialize
+from ..protocol.serialize import Payload, serialize
 from ..spec import find_cycle
 from .commands import Commands
 from .events import (
@@ -273,7 +274,7 @@ class SchedulerState:
             else:
                 recs[ts] = WAITING
         for ts in sorted(ws.has_what, key=_by_id):
-            ts.who_has.discard(ws)
+            ts.remove_holder(ws)
             if not ts.who_has and ts.state is MEMORY:
                 if ts.scattered:
                     exc = FutureLostError(
@@ -319,7 +320,7 @@ class SchedulerState:
         cr = self.clients.pop(ev.cid)
         recs: dict = {}
         for ts in cr.wants:
-            ts.wanted_by.discard(ev.cid)
+            ts.unwant(ev.cid)
             self._maybe_release(ts, recs)
         cr.wants.clear()
         self._transitions(recs)
@@ -357,7 +358,12 @@ class SchedulerState:
                 key = m.as_key(key)
             if key in tasks or key in new:
                 continue  # known already: the existing task (and its data) wins
-            ts = SchedulerTask(-1, key, spec.run_spec, (-spec.priority, gen, spec.order))
+            run_spec = spec.run_spec
+            if len(run_spec.frames) == 1:
+                # Kept as bytes, wrapped again per Execute: a Payload and its
+                # list cost ~110 bytes a task, held for the task's whole life.
+                run_spec = bytes(run_spec.frames[0])
+            ts = SchedulerTask(-1, key, run_spec, (-spec.priority, gen, spec.order))
             if spec.retries:
                 ts.retries = spec.retries
             if spec.workers:
@@ -376,6 +382,9 @@ class SchedulerState:
         functions, known_functions = msg.functions, self.functions
         for ts, spec_deps in pairs:
             if spec_deps:
+                if len(spec_deps) > 1:
+                    # A key named twice is one input (counts of missing inputs assume so).
+                    spec_deps = list(dict.fromkeys(m.as_key(d) if type(d) is list else d for d in spec_deps))
                 deps = []
                 for d in spec_deps:
                     if type(d) is list:
@@ -421,7 +430,7 @@ class SchedulerState:
             if ts.func:
                 refs[ts.func] = refs.get(ts.func, 0) + 1
             for dep in ts.dependencies:
-                dep.dependents[ts] = None
+                dep.add_dependent(ts)
         self._next_id = next_id
         for tok in functions:
             if tok not in refs:
@@ -434,7 +443,7 @@ class SchedulerState:
         recs: dict = {}
         for key in wanted:
             ts = tasks[key]
-            ts.wanted_by.add(cid)
+            ts.want(cid)
             client.wants.add(ts)
             if ts.state is MEMORY:
                 self._tell_in_memory(cid, ts)
@@ -462,7 +471,7 @@ class SchedulerState:
             holder = self.clients[holder_id] = ClientRecord(holder_id, "graph parts")
         recs: dict = {}
         for ts in new.values():
-            ts.wanted_by.add(holder_id)
+            ts.want(holder_id)
             holder.wants.add(ts)
             recs[ts] = WAITING
         self._transitions(recs)
@@ -470,7 +479,7 @@ class SchedulerState:
         for ts in new.values():
             for dep in ts.dependencies:
                 if holder_id in dep.wanted_by:
-                    dep.wanted_by.discard(holder_id)
+                    dep.unwant(holder_id)
                     holder.wants.discard(dep)
                     self._maybe_release(dep, recs)
         self._transitions(recs)
@@ -497,7 +506,7 @@ class SchedulerState:
             if ts is None:
                 lost.append(key)
                 continue
-            ts.wanted_by.add(cid)
+            ts.want(cid)
             client.wants.add(ts)
             if ts.state is MEMORY:
                 self._tell_in_memory(cid, ts)
@@ -507,7 +516,7 @@ class SchedulerState:
                 recs[ts] = WAITING  # known from its lineage: computed again
         for ts in sorted(client.wants, key=_by_id):
             if ts.key not in held:
-                ts.wanted_by.discard(cid)
+                ts.unwant(cid)
                 client.wants.discard(ts)
                 self._maybe_release(ts, recs)
         if lost:
@@ -525,7 +534,7 @@ class SchedulerState:
             ts = self.tasks.get(m.as_key(k))
             if ts is None:
                 continue
-            ts.wanted_by.discard(cid)
+            ts.unwant(cid)
             client.wants.discard(ts)
             self._maybe_release(ts, recs)
         self._transitions(recs)
@@ -544,7 +553,7 @@ class SchedulerState:
             self._transitions(recs)
         elif ts is not None and ts.state is MEMORY:
             if ws not in ts.who_has:
-                ts.who_has.add(ws)
+                ts.add_holder(ws)
                 ws.has_what.add(ts)
                 ws.nbytes += ts.nbytes
         else:
@@ -607,7 +616,7 @@ class SchedulerState:
             ts = self.by_id.get(tid)
             if ts is not None and ts.state is MEMORY:
                 if ws not in ts.who_has:
-                    ts.who_has.add(ws)
+                    ts.add_holder(ws)
                     ws.has_what.add(ts)
                     ws.nbytes += ts.nbytes
             else:
@@ -620,7 +629,7 @@ class SchedulerState:
         holder = self.workers.get(msg.holder)
         recs: dict = {}
         if holder is not None and holder in ts.who_has:
-            ts.who_has.discard(holder)
+            ts.remove_holder(holder)
             holder.has_what.discard(ts)
             holder.nbytes -= ts.nbytes
             if not ts.who_has and ts.state is MEMORY:
@@ -630,7 +639,7 @@ class SchedulerState:
         if msg.stuck and ts.state is MEMORY:
             # Other holders exist that the worker was never told of: re-send
             # its tasks that need this input, with the current holders.
-            for dts in list(ts.waiters):
+            for dts in ts.waiting_dependents():
                 if dts.state is PROCESSING and dts.processing_on is ws:
                     self._reset_processing(dts, recs)
         self._transitions(recs)
@@ -693,8 +702,11 @@ class SchedulerState:
             if dep.state is ERRED:
                 self._mark_erred(ts, dep.blamed or dep, None, "", recs)
                 return recs
+        counted = ts.needs_inputs
+        ts.needs_inputs = True
         for dep in ts.dependencies:
-            dep.waiters[ts] = None
+            if not counted:
+                dep.waiters += 1
             if dep.state is not MEMORY:
                 n += 1
                 if dep.state is RELEASED:
@@ -796,11 +808,14 @@ class SchedulerState:
                 self._cmds.worker(ws.wid, m.DefineFunction(fid, self.functions[func], func))
         else:
             fid = 0
+        run_spec = ts.run_spec
+        if type(run_spec) is bytes:
+            run_spec = Payload([run_spec])
         if deps:
             msg = m.Execute(
                 ts.id,
                 ts.key,
-                ts.run_spec,
+                run_spec,
                 list(ts.priority),
                 [d.id for d in deps],
                 [d.key for d in deps],
@@ -808,7 +823,7 @@ class SchedulerState:
                 fid,
             )
         else:
-            msg = m.Execute(ts.id, ts.key, ts.run_spec, list(ts.priority), func=fid)
+            msg = m.Execute(ts.id, ts.key, run_spec, list(ts.priority), func=fid)
         self._cmds.worker(ws.wid, msg)
 
     def _drain_queue(self) -> None:
@@ -890,13 +905,17 @@ class SchedulerState:
         self._worker_room(ws)
         ts.state = MEMORY
         ts.nbytes = nbytes
-        ts.type_name = type_name
-        ts.who_has.add(ws)
+        # One string per type, not one per task (each decoded message brings its own).
+        ts.type_name = _intern(type_name)
+        ts.add_holder(ws)
         ws.has_what.add(ts)
         ws.nbytes += nbytes
         recs: dict = {}
+        counted = ts.needs_inputs
+        ts.needs_inputs = False
         for dep in ts.dependencies:
-            dep.waiters.pop(ts, None)
+            if counted:
+                dep.waiters -= 1
             if not dep.waiters and not dep.wanted_by and dep.state is MEMORY:
                 recs[dep] = RELEASED
         for dts in ts.dependents:
@@ -924,7 +943,7 @@ class SchedulerState:
                 ws.has_what.discard(ts)
                 ws.nbytes -= ts.nbytes
                 self._release_on(ws.wid, ts.id)
-            ts.who_has.clear()
+            ts.who_has = ()
         else:
             if state is PROCESSING:
                 ws = ts.processing_on
@@ -935,8 +954,8 @@ class SchedulerState:
                 self._cancel_on(ws.wid, ts.id)
             elif state is NO_WORKER:
                 self.unrunnable.discard(ts)
+            self._stop_waiting(ts)
             for dep in ts.dependencies:
-                dep.waiters.pop(ts, None)
                 self._maybe_release(dep, recs)
         ts.state = RELEASED
         if not ts.dependents and not ts.wanted_by:
@@ -951,9 +970,9 @@ class SchedulerState:
         del self.by_id[ts.id]
         if ts.func:
             self._unref_function(ts.func)
+        self._stop_waiting(ts)
         for dep in ts.dependencies:
-            dep.dependents.pop(ts, None)
-            dep.waiters.pop(ts, None)
+            dep.remove_dependent(ts)
             if dep.state in (RELEASED, ERRED):
                 if not dep.dependents and not dep.wanted_by:
                     recs[dep] = FORGOTTEN
@@ -975,6 +994,14 @@ class SchedulerState:
                 ws.functions_dropped += 1
                 self._cmds.worker(ws.wid, m.ReleaseFunctions([fid]))
 
+    @staticmethod
+    def _stop_waiting(ts: SchedulerTask) -> None:
+        """``ts`` no longer needs its inputs: they lose it as a waiter."""
+        if ts.needs_inputs:
+            ts.needs_inputs = False
+            for dep in ts.dependencies:
+                dep.waiters -= 1
+
     def _maybe_release(self, ts: SchedulerTask, recs: dict) -> None:
         """Recommend releasing ``ts`` if no client and no waiting dependent needs it."""
         if ts.wanted_by or ts.waiters:
@@ -991,7 +1018,7 @@ class SchedulerState:
     def _data_lost(self, ts: SchedulerTask, recs: dict) -> None:
         """``ts`` was in memory but no worker holds it any more."""
         ts.state = RELEASED
-        for dts in list(ts.waiters):
+        for dts in ts.waiting_dependents():
             if dts.state is PROCESSING:
                 self._reset_processing(dts, recs)
             elif dts.state is WAITING:
@@ -1059,8 +1086,8 @@ class SchedulerState:
                 self._cancel_on(ws.wid, t.id)
             elif t.state is NO_WORKER:
                 self.unrunnable.discard(t)
+            self._stop_waiting(t)
             for dep in t.dependencies:
-                dep.waiters.pop(t, None)
                 self._maybe_release(dep, recs)
             t.state = ERRED
             t.blamed = blamed

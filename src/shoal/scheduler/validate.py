@@ -32,11 +32,14 @@ def validate_state(state: "SchedulerState") -> None:
             check(ts in dep.dependents, "dependency does not list its dependent", ts)
         for dts in ts.dependents:
             check(ts in dts.dependencies, "dependent does not list its dependency", ts)
-        for w in ts.waiters:
+        waiters = ts.waiting_dependents()
+        for w in waiters:
             check(w.state in (WAITING, QUEUED, NO_WORKER, PROCESSING), "waiter not waiting", w)
+        check(ts.waiters == len(waiters), f"waiters={ts.waiters}, actual {len(waiters)}", ts)
         waiting_like = ts.state in (WAITING, QUEUED, NO_WORKER, PROCESSING)
-        for dep in ts.dependencies:
-            check((ts in dep.waiters) == waiting_like, "waiters out of sync with state", ts)
+        if ts.dependencies:
+            check(ts.needs_inputs == waiting_like, "waiters out of sync with state", ts)
+        check(len(set(map(id, ts.who_has))) == len(ts.who_has), "a holder listed twice", ts)
         if ts.state is MEMORY:
             check(bool(ts.who_has), "in memory but no holder", ts)
             for ws in ts.who_has:
