@@ -522,7 +522,7 @@ def test_execute_carries_the_priority():
     cmds = submit(s, {"b": []}, priority=3)
     [ex] = execs(cmds)
     assert ex.priority[0] == -3
-    assert ex.priority == list(s.tasks["b"].priority)
+    assert list(ex.priority) == list(s.tasks["b"].priority)
 
 
 def test_queued_task_released_before_it_runs_is_never_sent():

@@ -738,6 +738,18 @@ def test_steal_keeps_a_finished_task():
     assert ws.tasks[1].state is MEMORY
 
 
+def test_inputs_answered_later_are_asked_for_again_from_the_same_holder():
+    ws = make_state()
+    cmds = sched(ws, execute(1, deps=[5, 6, 7], who_has=[[1], [1], [1]]))
+    assert fetches(cmds) == {1: {5, 6, 7}}
+    cmds = ws.handle([FetchSucceeded(1, [5], [10], later=[6, 7])])
+    assert ws.tasks[5].state is MEMORY
+    assert fetches(cmds) == {1: {6, 7}}  # asked again at once, nothing reported missing
+    assert not of_type(cmds, m.DataMissing)
+    cmds = ws.handle([FetchSucceeded(1, [6, 7], [10, 10])])
+    assert run_ids(cmds) == [1]
+
+
 def test_input_whose_last_known_holder_left_is_reported_stuck():
     ws = make_state()
     cmds = sched(ws, execute(1, deps=[5], who_has=[[1]]))

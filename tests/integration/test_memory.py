@@ -365,3 +365,33 @@ def test_busy_holder_another_replica_is_used():
             # ... then local-2 must get it from local-1.
             assert client.submit(intact, x, workers=["local-2"]).result(timeout=SHORT) == (5, True)
             assert_valid(client)
+
+
+def blob(i, log):
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    return bytes([i % 256]) * 1000
+
+
+def lengths(*parts):
+    return [len(p) for p in parts]
+
+
+def test_answers_to_data_requests_come_in_parts_of_bounded_size(inproc_cluster, tmp_path):
+    # Each answer carries about 5 kB: 60 values of 1 kB travel in a dozen
+    # parts, to a peer and to the client; none is lost (which would mean a
+    # recomputation: each value is computed once) or repeated.
+    log = str(tmp_path / "runs")
+    failures = []
+    for w in inproc_cluster._workers:
+        w.response_bytes = 5_000
+        real = w.state._holder_failed
+        w.state._holder_failed = lambda ts, peer, real=real: failures.append(ts.key) or real(ts, peer)
+    with Client(inproc_cluster, timeout=STARTUP) as client:
+        blobs = [client.submit(blob, i, log, workers=["local-0"]) for i in range(60)]
+        total = client.submit(lengths, *blobs, workers=["local-1"])
+        assert total.result(timeout=SHORT) == [1000] * 60
+        assert client.gather(blobs) == [bytes([i]) * 1000 for i in range(60)]
+        assert sorted(int(x) for x in Path(log).read_text().split()) == list(range(60))
+        assert not failures, f"inputs taken for lost: {failures[:5]}"
+        assert_valid(client)

@@ -35,6 +35,7 @@ from ..protocol.serialize import Payload, deserialize
 from ..spec import DataNode, Task, TaskRef
 from .futures import CANCELLED, FINISHED, LOST, Future, FutureState, _with_remote_traceback
 from .loop import LoopThread
+from ..utils import gc_paused
 from .tasks import collect_futures, dumps_args, funcname, rebuild, run_spec, token as content_token, worker_names
 
 # Argument types that can hold no future: ``map`` over numbers skips the walk.
@@ -207,10 +208,11 @@ class Client:
         for msg in msgs:
             t = type(msg)
             if t is m.KeysInMemory:
-                for key, tid, workers, nbytes, type_name in msg.entries():
-                    st = states.get(key)
-                    if st is not None:
-                        st.set_finished(tid, workers, nbytes, type_name)
+                with gc_paused():  # (a batch may finish 100k futures: see gc_paused)
+                    for key, tid, workers, nbytes, type_name in msg.entries():
+                        st = states.get(key)
+                        if st is not None:
+                            st.set_finished(tid, workers, nbytes, type_name)
             elif t is m.KeyErred:
                 st = states.get(m.as_key(msg.key))
                 if st is not None:
@@ -469,6 +471,7 @@ class Client:
 
     # -- the public API ---------------------------------------------------------------------
 
+    @gc_paused()
     def submit(
         self,
         func: Callable,
@@ -493,6 +496,7 @@ class Client:
         self._send(m.SubmitGraph([spec], [key], functions))
         return fut
 
+    @gc_paused()
     def map(
         self,
         func: Callable,
@@ -534,6 +538,7 @@ class Client:
             self._send(m.SubmitGraph(specs, keys_now, functions))
         return futures
 
+    @gc_paused()
     def submit_graph(
         self,
         graph: dict,
@@ -724,17 +729,23 @@ class Client:
             if not address:
                 failed.extend((st, CommClosedError("no holder known"), address) for st in sts)
                 return
-            try:
-                resp = await self._get_data(address, [st.id for st in sts])
-            except (CommClosedError, OSError, TimeoutError) as e:
-                failed.extend((st, e, address) for st in sts)
-                return
-            for tid, payload in zip(resp.ids, resp.payloads):
-                payloads[tid] = payload
-            bad = set(resp.missing)
+            ids = [st.id for st in sts]
+            errors: dict = {}
+            bad: set = set()
+            while ids:  # a worker answers in parts of bounded size (``later``: ask again)
+                try:
+                    resp = await self._get_data(address, ids)
+                except (CommClosedError, OSError, TimeoutError) as e:
+                    failed.extend((st, e, address) for st in sts if st.id not in payloads)
+                    return
+                for tid, payload in zip(resp.ids, resp.payloads):
+                    payloads[tid] = payload
+                bad.update(resp.missing)
+                errors.update(resp.errors)
+                ids = list(resp.later)
             for st in sts:
-                if st.id in resp.errors:
-                    failed.append((st, SerializationError(resp.errors[st.id]), address))
+                if st.id in errors:
+                    failed.append((st, SerializationError(errors[st.id]), address))
                 elif st.id in bad:
                     failed.append((st, CommClosedError(f"{address} no longer holds it"), address))
 

@@ -39,14 +39,15 @@ class FutureState:
         self.key = key
         self.status = PENDING
         self.id = -1
-        self.workers: list[str] = []
+        # Empty tuples until filled: a client may hold a million states.
+        self.workers: list[str] | tuple = ()
         self.nbytes = 0
         self.type_name = ""
         self.exception: BaseException | None = None
         self.traceback = ""
         self._event: threading.Event | None = None  # made on first wait: most futures never block
         # Callables run (in the I/O thread) when the state becomes done.
-        self._watchers: list[Callable[["FutureState"], None]] = []
+        self._watchers: list[Callable[["FutureState"], None]] | tuple = ()
 
     def done(self) -> bool:
         return self.status in _DONE
@@ -57,7 +58,7 @@ class FutureState:
             ev = self._event
         if ev is not None:
             ev.set()
-        watchers, self._watchers = self._watchers, []
+        watchers, self._watchers = self._watchers, ()
         for w in watchers:
             try:
                 w(self)
@@ -68,7 +69,7 @@ class FutureState:
 
     def set_finished(self, tid: int, workers: list[str], nbytes: int, type_name: str) -> None:
         self.id = tid
-        self.workers = list(workers)
+        self.workers = workers  # the caller's own list
         self.nbytes = nbytes
         self.type_name = type_name
         self.exception = None
@@ -91,7 +92,7 @@ class FutureState:
         """Back to pending (data was lost and is being recomputed)."""
         with _EVENT_LOCK:
             self.status = PENDING
-            self.workers = []
+            self.workers = ()
             if self._event is not None:
                 self._event.clear()
 
@@ -99,8 +100,10 @@ class FutureState:
         """Call ``fn(state)`` once done (now, if already done).  I/O thread only."""
         if self.done():
             fn(self)
-        else:
+        elif self._watchers:
             self._watchers.append(fn)
+        else:
+            self._watchers = [fn]
 
     def wait(self, timeout: float | None = None) -> bool:
         if self.status in _DONE:

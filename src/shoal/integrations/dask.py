@@ -36,6 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import spec
 from ..client.futures import Future
+from ..utils import gc_paused
 
 __all__ = ["convert_graph", "get", "compute", "persist", "set_default", "unset_default"]
 
@@ -420,6 +421,7 @@ def _explicit(priority=None, retries=None, workers=None, resources=None, allow_o
 # -- submitting ------------------------------------------------------------------------
 
 
+@gc_paused()
 def _submit(client, dsk, keys: list, explicit: dict) -> list[Future]:
     """Convert, cull to ``keys``, order and submit; futures for ``keys``."""
     graph, per_key, tr = _convert(dsk, keys, client)

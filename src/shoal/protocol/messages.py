@@ -386,6 +386,9 @@ class DataResponse(Msg, tag=51):
     # The holder is paused or already sending too much: nothing was sent; ask
     # again later or ask another holder.
     busy: bool = False
+    # Held, but past the size this answer may reach (RESPONSE_BYTES): ask
+    # again.  Requests may name many keys; answers stay bounded in bytes.
+    later: list[int] = []
 
 
 ToScheduler = Union[

@@ -352,6 +352,7 @@ class SchedulerState:
         tasks = self.tasks
         new: dict = {}
         pairs: list = []
+        tokens: dict = {}  # function token -> one string object for all its tasks
         for spec in msg.tasks:
             key = spec.key
             if type(key) is list:
@@ -373,7 +374,9 @@ class SchedulerState:
                 ts.resources = spec.resources
             if spec.scattered:
                 ts.scattered = True
-            ts.func = spec.func
+            func = spec.func
+            if func:
+                ts.func = tokens.setdefault(func, func)
             new[key] = ts
             pairs.append((ts, spec.deps))
         # Validate before touching any state: a rejected graph changes nothing.
@@ -569,8 +572,10 @@ class SchedulerState:
             ws.mean_nbytes += 0.1 * (nbytes - ws.mean_nbytes)
         by_time = self.queue_seconds * ws.nthreads / max(ws.mean_duration, 1e-6)
         by_bytes = self.queue_bytes / max(ws.mean_nbytes, 1.0)
-        ws.ahead = max(self.queue_ahead, int(min(self.queue_max, by_time, by_bytes)))
-        self._resize(ws)
+        ahead = max(self.queue_ahead, int(min(self.queue_max, by_time, by_bytes)))
+        if ahead != ws.ahead:  # (once the means settle, it rarely does)
+            ws.ahead = ahead
+            self._resize(ws)
 
     def _resize(self, ws: WorkerRecord) -> None:
         """Its room: free threads (those not held by cancelled tasks still
@@ -816,14 +821,14 @@ class SchedulerState:
                 ts.id,
                 ts.key,
                 run_spec,
-                list(ts.priority),
+                ts.priority,  # a tuple: encoded as an array, no list per task
                 [d.id for d in deps],
                 [d.key for d in deps],
                 _holder_ids(deps),
                 fid,
             )
         else:
-            msg = m.Execute(ts.id, ts.key, run_spec, list(ts.priority), func=fid)
+            msg = m.Execute(ts.id, ts.key, run_spec, ts.priority, func=fid)
         self._cmds.worker(ws.wid, msg)
 
     def _drain_queue(self) -> None:

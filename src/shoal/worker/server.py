@@ -47,6 +47,11 @@ PEER_ROLE_MSGS = (m.GetData,)
 # to other peers (a quarter of the memory limit, if that is less), and while
 # paused, as soon as anything does: every serialized copy costs memory.
 MAX_OUTGOING_BYTES = 256 * 2**20
+# One answer to a data request carries at most about this many bytes (at
+# least one value); the rest is listed as ``later`` and asked for again.  So
+# a fetcher may name thousands of small keys in one request, and a request
+# for many large ones neither builds a huge packet nor delays urgent ones.
+RESPONSE_BYTES = 50 * 2**20
 _worker_numbers = itertools.count()
 
 
@@ -82,6 +87,7 @@ class Worker:
         # 0 turns sampling off (in-process workers share one process's memory).
         self.memory_monitor_interval = memory_monitor_interval
         self.max_outgoing_bytes = min(MAX_OUTGOING_BYTES, memory_limit // 4) if memory_limit else MAX_OUTGOING_BYTES
+        self.response_bytes = RESPONSE_BYTES
         self.local_directory = local_directory or tempfile.gettempdir()
         self.resources = dict(resources or {})
         self.host = host
@@ -416,14 +422,17 @@ class Worker:
         got, nbytes, errors = [], [], dict(resp.errors)
         for tid, payload in zip(resp.ids, resp.payloads):
             try:
-                value = deserialize(payload, what=self._describe(tid))
-            except SerializationError as e:
-                errors[tid] = str(e)
+                value = deserialize(payload)
+            except SerializationError:
+                try:  # again, for an error that names the task
+                    deserialize(payload, what=self._describe(tid))
+                except SerializationError as e:
+                    errors[tid] = str(e)
                 continue
             self._arrived[tid] = value
             got.append(tid)
             nbytes.append(sizeof(value))
-        self._handle([FetchSucceeded(peer, got, nbytes, list(resp.missing), errors)])
+        self._handle([FetchSucceeded(peer, got, nbytes, list(resp.missing), errors, list(resp.later))])
 
     # -- serving data ------------------------------------------------------------------------
 
@@ -452,17 +461,29 @@ class Worker:
                 continue
             ids, payloads, missing, errors = [], [], [], {}
             store = self.store
-            for tid in msg.ids:
+            size, limit = 0, self.response_bytes
+            later: list = []
+            for i, tid in enumerate(msg.ids):
+                if size >= limit:
+                    later = [t for t in msg.ids[i:] if t in store]
+                    missing.extend(t for t in msg.ids[i:] if t not in store)
+                    break
                 if tid in store:
                     try:
-                        payloads.append(store.payload(tid, what=self._describe(tid)))
-                    except SerializationError as e:
-                        errors[tid] = str(e)
+                        payload = store.payload(tid)
+                    except SerializationError:
+                        try:  # again, for an error that names the task (rare: not described up front)
+                            store.payload(tid, what=self._describe(tid))
+                        except SerializationError as e:
+                            errors[tid] = str(e)
                         continue
+                    payloads.append(payload)
                     ids.append(tid)
+                    for f in payload.frames:
+                        size += memoryview(f).nbytes
                 else:
                     missing.append(tid)
-            comm.send(m.DataResponse(msg.request_id, ids, payloads, missing, errors))
+            comm.send(m.DataResponse(msg.request_id, ids, payloads, missing, errors, later=later))
 
     def _too_busy_for(self, comm: Comm) -> bool:
         """Whether to answer a peer's request "busy" instead of sending.

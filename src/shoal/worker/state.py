@@ -31,8 +31,9 @@ from ..protocol import messages as m
 from ..protocol.serialize import serialize
 from .memory import MemoryLimits, Residency
 
-# A batch sent to one peer asks for at most this many keys ...
-FETCH_BATCH = 1000
+# A batch sent to one peer asks for at most this many keys (its answer is
+# bounded in bytes by the holder, which lists the rest as ``later``) ...
+FETCH_BATCH = 50_000
 # ... and at most this many peers are asked at once.
 MAX_PEERS_IN_FLIGHT = 16
 # A peer that answered "busy" is asked again after this many seconds,
@@ -116,6 +117,7 @@ class FetchSucceeded(WorkerEvent):
     nbytes: list
     missing: list = []
     errors: dict = {}  # id -> why the holder could not send it (unserializable)
+    later: list = []  # held, but past the answer's size limit: ask again
 
 
 class FetchFailed(WorkerEvent):
@@ -530,6 +532,12 @@ class WorkerState:
             if ts is not None and ts in asked:
                 asked.discard(ts)
                 self._input_unusable(ts, why)
+        for tid in ev.later:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts in asked:
+                asked.discard(ts)
+                ts.state = FETCH
+                self._fetch_later(ts)  # the same holder is asked again, next in line
         for ts in asked:  # neither delivered nor reported missing
             self._holder_failed(ts, ev.peer)
 
