@@ -192,7 +192,7 @@ def test_single_task_lifecycle():
     cmds = submit(s, {"x": []})
     [ex] = execs(cmds, 1)
     ts = s.tasks["x"]
-    assert (ex.id, ex.key, ex.deps, ex.who_has) == (ts.id, "x", [], [])
+    assert (ex.id, ex.key, list(ex.deps), list(ex.who_has)) == (ts.id, "x", [], [])
     assert ex.run_spec == RUN
     assert ts.state is PROCESSING and ts.processing_on is s.workers[1]
     assert ts.wanted_by == {"c"}

@@ -19,7 +19,6 @@ a released task is forgotten once it has no dependents left.
 
 from __future__ import annotations
 
-import heapq
 from sys import intern as _intern
 from typing import Any, Callable, Iterable
 
@@ -40,6 +39,7 @@ from .events import (
 )
 from .placement import LocalityPolicy, PlacementPolicy
 from .retire import Retirements
+from .rootqueue import RootQueue
 from .steal import Stealing
 from .records import (
     ERRED,
@@ -115,7 +115,7 @@ class SchedulerState:
         self.retirements = Retirements(self)
         # Workers being retired get no tasks: placement checks this dict.
         self._retiring = self.retirements.workers
-        self.queued: list = []  # heap of (priority, id, task)
+        self.queued = RootQueue()  # of (*priority, id, task)
         self.unrunnable: set[SchedulerTask] = set()
         # Graphs arriving in parts: client -> generation of the graph.
         self._partial: dict[str, int] = {}
@@ -553,7 +553,8 @@ class SchedulerState:
             if self.queue_seconds:
                 self._learn(ws, msg.duration, msg.nbytes)
             recs = self._processing_to_memory(ts, ws, msg.nbytes, msg.type_name)
-            self._transitions(recs)
+            if recs:
+                self._transitions(recs)
         elif ts is not None and ts.state is MEMORY:
             if ws not in ts.who_has:
                 ts.add_holder(ws)
@@ -731,7 +732,7 @@ class SchedulerState:
             # priority order as workers have room, so inputs are not over-produced.
             ts.state = QUEUED
             p = ts.priority  # flattened: comparing nested tuples made popping slow
-            heapq.heappush(self.queued, (p[0], p[1], p[2], ts.id, ts))
+            self.queued.push(p[0], p[1], p[2], ts)
             return {}
         if ts.resources and not self._placing_unrunnable:
             # Resource-limited tasks ready together compete for the same
@@ -815,7 +816,7 @@ class SchedulerState:
             fid = 0
         run_spec = ts.run_spec
         if type(run_spec) is bytes:
-            run_spec = Payload([run_spec])
+            run_spec = Payload((run_spec,))
         if deps:
             msg = m.Execute(
                 ts.id,
@@ -828,13 +829,14 @@ class SchedulerState:
                 fid,
             )
         else:
-            msg = m.Execute(ts.id, ts.key, run_spec, ts.priority, func=fid)
+            msg = m.Execute(ts.id, ts.key, run_spec, ts.priority, (), (), (), fid)  # (tuples: none made per task)
         self._cmds.worker(ws.wid, msg)
 
     def _drain_queue(self) -> None:
-        queued, idle, heappop = self.queued, self.idle, heapq.heappop
+        queued, idle = self.queued, self.idle
+        pop = queued.pop
         while queued and idle:
-            ts = heappop(queued)[-1]
+            ts = pop()[-1]
             if ts.state is not QUEUED:
                 continue  # stale entry: released or erred while queued
             ws = self.policy.choose(ts, idle)
@@ -844,7 +846,7 @@ class SchedulerState:
             # the same reduction, which then needs no transfer.
             share = -(-len(queued) // (len(idle) or 1))
             while share > 1 and queued and ws in idle:
-                ts = heappop(queued)[-1]
+                ts = pop()[-1]
                 if ts.state is QUEUED:
                     self._send(ts, ws)
                     share -= 1
@@ -906,13 +908,17 @@ class SchedulerState:
     def _processing_to_memory(self, ts: SchedulerTask, ws: WorkerRecord, nbytes: int, type_name: str) -> dict:
         ws.processing.discard(ts)
         ts.processing_on = None
-        self._free_resources(ts, ws)
+        if ts.resources:
+            self._free_resources(ts, ws)
         self._worker_room(ws)
         ts.state = MEMORY
         ts.nbytes = nbytes
         # One string per type, not one per task (each decoded message brings its own).
         ts.type_name = _intern(type_name)
-        ts.add_holder(ws)
+        if ts.who_has:
+            ts.add_holder(ws)
+        else:
+            ts.who_has = [ws]
         ws.has_what.add(ts)
         ws.nbytes += nbytes
         recs: dict = {}
