@@ -112,6 +112,9 @@ class Executor:
         # Shared function id -> [runs, slowest run in seconds] (see INLINE_*).
         self._speed: dict[int, list] = {}
         self.inline_runs = 0
+        # Outcomes of tasks run inline, for the reactor to take right after
+        # its ``submit`` calls (``take_inline``): the loop thread's alone.
+        self.inline_done: list[Outcome] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"shoal-task-{i}", daemon=True) for i in range(nthreads)
         ]
@@ -127,13 +130,13 @@ class Executor:
                 self.inline_runs += 1
                 with self._lock:
                     self._record(func.id, out.duration)
-                    self._done.append(out)
-                    if self._wake_pending:
-                        return
-                    self._wake_pending = True
-                self._loop.call_soon(self._deliver)  # not now: the caller is mid-handle
+                self.inline_done.append(out)  # the caller takes it when done handling
                 return
         self._queue.put((tid, key, run_spec, data, func))
+
+    def take_inline(self) -> list[Outcome]:
+        done, self.inline_done = self.inline_done, []
+        return done
 
     def forget(self, fid: int) -> None:
         """The function ``fid`` was released: drop what was learnt of it."""

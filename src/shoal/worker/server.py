@@ -47,6 +47,9 @@ PEER_ROLE_MSGS = (m.GetData,)
 # to other peers (a quarter of the memory limit, if that is less), and while
 # paused, as soon as anything does: every serialized copy costs memory.
 MAX_OUTGOING_BYTES = 256 * 2**20
+# Rounds of tasks finishing at once (inline or zero) handled in one go
+# before the event loop gets a turn.
+SYNC_ROUNDS = 64
 # One answer to a data request carries at most about this many bytes (at
 # least one value); the rest is listed as ``later`` and asked for again.  So
 # a fetcher may name thousands of small keys in one request, and a request
@@ -97,7 +100,7 @@ class Worker:
         # A zero worker reports every task finished, with a tiny fake result,
         # without running it: what remains is the runtime's own cost per task.
         self.zero = zero
-        self._zero_done: list[Outcome] = []
+        self._zero_done: list[Outcome] = []  # finished at once, taken by _handle
         self._functions: dict[int, LazyFunction] = {}
         self.state = WorkerState(nthreads, memory=self.limits, validate=validate)
         # Several workers may share a process (LocalCluster(processes=False)):
@@ -271,7 +274,32 @@ class Worker:
             self._spawn_close(f"scheduler asked: {close.reason}")
 
     def _handle(self, events: list) -> None:
-        cmds = self.state.handle(events)
+        """Handle events and carry out the commands; tasks that finish at once
+        (run inline, or on a zero worker) are handled in the same call, round
+        after round, so a thousand tiny tasks cost no event-loop turn each and
+        their TaskFinished messages leave together."""
+        for _ in range(SYNC_ROUNDS):
+            self._apply(self.state.handle(events))
+            done = self._take_finished()
+            if not done:
+                return
+            events = self._outcome_events(done)
+            if not events:
+                return
+        # A long burst: let the loop serve heartbeats and peers, then go on.
+        asyncio.get_running_loop().call_soon(self._handle, events)
+
+    def _take_finished(self) -> list:
+        """Outcomes of the tasks that finished while commands were carried out."""
+        done = self._zero_done
+        if done:
+            self._zero_done = []
+        ex = self._executor
+        if ex is not None and ex.inline_done:
+            done = done + ex.take_inline() if done else ex.take_inline()
+        return done
+
+    def _apply(self, cmds) -> None:
         store = self.store
         arrived = self._arrived
         for tid in cmds.accept:
@@ -335,8 +363,6 @@ class Worker:
         return fn
 
     def _zero_run(self, tasks: list) -> None:
-        if not self._zero_done:
-            asyncio.get_running_loop().call_soon(self._zero_deliver)
         for ts in tasks:
             out = Outcome(ts.id)
             out.ok = True
@@ -344,13 +370,14 @@ class Worker:
             out.type_name = "NoneType"
             self._zero_done.append(out)
 
-    def _zero_deliver(self) -> None:
-        done, self._zero_done = self._zero_done, []
-        self._on_outcomes(done)
-
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
+        events = self._outcome_events(outcomes)
+        if events:
+            self._handle(events)
+
+    def _outcome_events(self, outcomes: list[Outcome]) -> list:
         if self._closed.is_set():
-            return
+            return []
         events = []
         for out in outcomes:
             if out.ok:
@@ -358,7 +385,7 @@ class Worker:
                 events.append(TaskCompleted(out.id, out.nbytes, out.type_name, out.duration))
             else:
                 events.append(TaskFailed(out.id, out.exception, out.traceback))
-        self._handle(events)
+        return events
 
     # -- fetching from peers --------------------------------------------------------------
 
