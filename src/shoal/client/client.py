@@ -437,37 +437,42 @@ class Client:
         self._func_cache[id(func)] = (func, token, payload)
         return token, payload
 
-    def _task_spec(self, func, args, kwargs, key, pure, opts, functions: dict) -> tuple[m.TaskSpec, Any]:
-        deps: dict = {}
-        for a in args:
-            if type(a) not in _PLAIN:
-                args = self._unpack(args, deps)
-                break
-        kwargs = self._unpack(kwargs, deps) if kwargs else {}
+    def _task_maker(self, func, kwargs, pure, opts, functions: dict) -> Callable:
+        """``make(args, key=None) -> (TaskSpec, key)`` for calls of ``func``.
+
+        What every call shares (the pickled function, the annotations, the
+        keyword arguments when they hold no futures) is worked out once, so
+        a ``map`` over 100k items pays only for each item's own arguments."""
         ftoken, fpayload = self._function(func)
         functions[ftoken] = fpayload
-        try:
-            payload = dumps_args((args, kwargs))
-        except Exception as e:
-            raise SerializationError(
-                f"cannot serialize the arguments of task {key or funcname(func)!r}: {type(e).__name__}: {e}"
-            ) from e
-        if key is None:
-            key = f"{funcname(func)}-{content_token(payload, ftoken) if pure else self._unique()}"
-        spec = m.TaskSpec(
-            key,
-            list(deps),
-            payload,
-            0,
-            opts.get("priority", 0),
-            opts.get("retries") or 0,
-            worker_names(opts.get("workers")),
-            bool(opts.get("allow_other_workers", False)),
-            opts.get("resources"),
-            False,
-            ftoken,
-        )
-        return spec, key
+        name = funcname(func)
+        priority = opts.get("priority", 0)
+        retries = opts.get("retries") or 0
+        workers = worker_names(opts.get("workers"))
+        allow_other = bool(opts.get("allow_other_workers", False))
+        resources = opts.get("resources")
+        kw_deps: dict = {}
+        kwargs = self._unpack(kwargs, kw_deps) if kwargs else {}
+        unpack, plain, spec_type, unique = self._unpack, _PLAIN, m.TaskSpec, self._unique
+
+        def make(args: tuple, key=None) -> tuple[m.TaskSpec, Any]:
+            deps = dict(kw_deps) if kw_deps else {}
+            for a in args:
+                if type(a) not in plain:
+                    args = unpack(args, deps)
+                    break
+            try:
+                payload = dumps_args((args, kwargs))
+            except Exception as e:
+                raise SerializationError(
+                    f"cannot serialize the arguments of task {key or name!r}: {type(e).__name__}: {e}"
+                ) from e
+            if key is None:
+                key = f"{name}-{content_token(payload, ftoken) if pure else unique()}"
+            spec = spec_type(key, list(deps), payload, 0, priority, retries, workers, allow_other, resources, False, ftoken)
+            return spec, key
+
+        return make
 
     # -- the public API ---------------------------------------------------------------------
 
@@ -491,7 +496,7 @@ class Client:
             raise TypeError(f"{func!r} is not callable")
         opts = dict(priority=priority, retries=retries, workers=workers, allow_other_workers=allow_other_workers, resources=resources)
         functions: dict = {}
-        spec, key = self._task_spec(func, args, kwargs, key, pure, opts, functions)
+        spec, key = self._task_maker(func, kwargs, pure, opts, functions)(args, key)
         fut = Future(key, self, submitted=True)
         self._send(m.SubmitGraph([spec], [key], functions))
         return fut
@@ -520,9 +525,10 @@ class Client:
         futures: list[Future] = []
         specs: list = []
         functions: dict = {}
+        make = self._task_maker(func, kwargs, pure, opts, functions)
         for i, args in enumerate(zip(*iterables)):
             k = keys[i] if keys is not None else None
-            spec, k = self._task_spec(func, args, kwargs, k, pure, opts, functions)
+            spec, k = make(args, k)
             if prefix is not None:
                 k = spec.key = f"{prefix}-{k.rsplit('-', 1)[-1]}"
             spec.order = i
