@@ -25,6 +25,13 @@ STARTUP = 30.0
 SHORT = 15.0
 
 
+def assert_valid(client) -> dict:
+    """The scheduler's invariants hold (``validate()`` on its state); returns its info."""
+    info = client.scheduler_info(validate=True)
+    assert info["invariant_error"] == "", info["invariant_error"]  # (no assertion rewriting here)
+    return info
+
+
 # -- tasks (run on workers) -------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -14,7 +15,7 @@ import shoal
 from shoal import Client
 from shoal.testing import wait_for
 
-from ._helpers import SHORT, STARTUP, add, boom, gate, identity, inc, wait_gone
+from ._helpers import SHORT, STARTUP, add, alive, assert_valid, boom, gate, identity, inc, wait_gone
 
 
 class CustomError(Exception):
@@ -110,6 +111,16 @@ def test_dependents_of_a_failed_task_fail_with_the_same_error(client):
         late.result(timeout=SHORT)
 
 
+@pytest.mark.parametrize("how", ["result", "gather"])
+def test_a_failed_future_whose_error_was_raised_is_released_when_dropped(client, how):
+    fut = client.submit(boom, f"released after {how}", pure=False)
+    with pytest.raises(ValueError):
+        fut.result(timeout=SHORT) if how == "result" else client.gather([fut])
+    del fut
+    gc.collect()
+    wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, 3, message="the failed task to be released")
+
+
 # -- serialization ----------------------------------------------------------------------------
 
 
@@ -181,6 +192,12 @@ def test_worker_killed_mid_computation_work_moves_to_the_survivor(private_cluste
         wait_for(lambda: len(client.workers) == 2, STARTUP, message="the supervisor to restart the worker")
         new_pids = set(private_cluster.worker_pids().values())
         assert survivor in new_pids and victim not in new_pids and len(new_pids) == 2
+        # The scheduler's state is consistent after the loss, and forgets the graph.
+        info = assert_valid(client)
+        assert sorted(info["workers"]) == ["local-0", "local-1"]
+        del futs, first, results
+        wait_for(lambda: client.scheduler_info()["n_tasks"] == 0, SHORT, message="the graph to be forgotten")
+        assert_valid(client)
 
 
 def test_scheduler_death_makes_futures_lost_and_workers_exit(private_cluster, gates):
@@ -264,6 +281,14 @@ def test_task_that_kills_its_worker_fails_with_killed_worker_error_and_siblings_
         # The supervisors restarted every crashed process: the cluster works.
         client.wait_for_workers(2, timeout=STARTUP)
         assert client.submit(inc, 41, pure=False).result(timeout=SHORT) == 42
+        # Four crashes, each rescheduling what the dead process held: the
+        # scheduler's state is consistent; the failed task is kept as erred
+        # (``bad`` holds it), the finished ones in memory (the temporary
+        # result above is released as its future goes).
+        assert_valid(client)
+        wait_for(lambda: client.scheduler_info()["tasks"] == {"erred": 1, "memory": 200}, SHORT,
+                 message="only the held tasks to remain")
+        assert_valid(client)
 
 
 def test_silent_worker_is_dropped_after_the_heartbeat_timeout_and_work_moves_on():
@@ -278,8 +303,16 @@ def test_silent_worker_is_dropped_after_the_heartbeat_timeout_and_work_moves_on(
                 wait_for(lambda: len(client.workers) == 1, STARTUP, message="the silent worker to be dropped")
                 futs = client.map(inc, range(50), pure=False)
                 assert client.gather(futs) == list(range(1, 51))
+                info = assert_valid(client)
+                assert list(info["workers"]) == ["local-1"]
             finally:
                 os.kill(hung, signal.SIGCONT)
+            # The resumed process finds its connection gone: whether it exits or
+            # comes back, nothing it says may corrupt the scheduler's state.
+            wait_for(lambda: not alive(hung) or len(client.workers) == 2, STARTUP,
+                     message="the resumed worker to exit or rejoin")
+            assert_valid(client)
+            assert client.gather(client.map(inc, range(10), pure=False)) == list(range(1, 11))
 
 
 def test_worker_stopped_on_purpose_does_not_count_as_a_crash(inproc_cluster, gates):

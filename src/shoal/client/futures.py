@@ -9,6 +9,7 @@ release the data when the last one is garbage-collected.
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import threading
 import time
@@ -118,13 +119,26 @@ class FutureState:
 
 
 def _with_remote_traceback(exc: BaseException, tb: str) -> BaseException:
+    """The error to raise for a failed future: ``exc`` with the worker's
+    traceback as a note, as a copy when it can be copied.
+
+    The state keeps ``exc`` for as long as the key is known; raising that
+    object itself would leave it holding the traceback of the raise, whose
+    frames hold the Future -- which would then never be released."""
     if tb and hasattr(exc, "add_note") and not getattr(exc, "_shoal_noted", False):
         exc.add_note("Remote traceback (from the worker):\n" + tb.rstrip())
         try:
             exc._shoal_noted = True  # type: ignore[attr-defined]
         except Exception:
             pass
-    return exc
+    try:
+        fresh = copy.copy(exc)
+    except Exception:
+        return exc.with_traceback(None)
+    if type(fresh) is not type(exc):
+        return exc.with_traceback(None)
+    fresh.__cause__, fresh.__context__ = exc.__cause__, exc.__context__
+    return fresh.with_traceback(None)
 
 
 class Future:

@@ -167,6 +167,8 @@ class Scheduler:
         for msg in msgs:
             if type(msg) not in _FROM_CLIENT:
                 raise ProtocolError(f"a client may not send {type(msg).__name__}")
+            if type(msg) in _KEYED:
+                _check_keys(msg)
         backlog = comm.info.get("backlog")
         if backlog is None:
             backlog = comm.info["backlog"] = collections.deque()
@@ -266,6 +268,53 @@ class Scheduler:
             if comm is not None:
                 logger.warning("closing worker %d: %s", wid, reason)
                 comm.abort()
+
+
+# Client messages naming keys, and how deep a key (tuples in tuples) may nest.
+_KEYED = frozenset({m.SubmitGraph, m.ReleaseKeys, m.CancelKeys, m.ResumeClient})
+_MAX_KEY_DEPTH = 64
+
+
+def _check_keys(msg) -> None:
+    """Refuse (ProtocolError) a client message naming a key the core cannot
+    use: an unhashable one (msgpack can carry a map or a payload where a key
+    belongs) or one nested too deep to convert (``as_key`` recursion).
+
+    Found by tests/integration/test_chaos.py: the core raised half-way
+    through the batch, so the commands it had decided for earlier messages
+    were lost (a task made ready never reached its worker: whoever wanted its
+    key waited forever) and a release stopped half-done (data nobody needs
+    kept).  Checked here, before any of the packet is handled, the whole
+    packet is refused and the connection closed, as for any malformed packet."""
+    try:
+        if type(msg) is m.SubmitGraph:
+            for spec in msg.tasks:
+                if type(spec.key) is not str:
+                    _check_key(spec.key, 0)
+                for d in spec.deps:
+                    if type(d) is not str:
+                        _check_key(d, 0)
+            keys = msg.wanted
+        else:
+            keys = msg.keys
+        for k in keys:
+            if type(k) is not str:
+                _check_key(k, 0)
+    except TypeError as e:
+        raise ProtocolError(f"{type(msg).__name__} names a key that is not a key: {e}") from None
+
+
+def _check_key(key, depth: int) -> None:
+    if type(key) is not list:
+        hash(key)  # TypeError for a map or a payload
+        return
+    if depth >= _MAX_KEY_DEPTH:
+        raise ProtocolError(f"a key nested more than {_MAX_KEY_DEPTH} deep")
+    for x in key:
+        if type(x) is list:
+            _check_key(x, depth + 1)
+        else:
+            hash(x)
 
 
 def _peak_rss() -> int:
