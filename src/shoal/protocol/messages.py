@@ -159,10 +159,14 @@ class KeysInMemory(Msg, tag=21):
     type_names: list[str]
 
     def entries(self):
-        """``(key, id, [addresses], nbytes, type_name)`` per result."""
+        """``(key, id, [addresses], nbytes, type_name)`` per result.  Results
+        with one holder share one list per holder: treat the lists as read-only."""
         addrs = self.addresses
+        single = [[a] for a in addrs]
         for key, tid, hs, nb, tn in zip(self.keys, self.ids, self.holders, self.nbytes, self.type_names):
-            yield as_key(key), tid, [addrs[h] for h in hs], nb, tn
+            if type(key) is list:
+                key = as_key(key)
+            yield key, tid, single[hs[0]] if len(hs) == 1 else [addrs[h] for h in hs], nb, tn
 
 
 class KeyErred(Msg, tag=22):

@@ -35,6 +35,12 @@ ERRED = TaskState.ERRED
 
 # The ``wanted_by`` of a task no client wants (shared: never mutated).
 NOBODY: frozenset = frozenset()
+# Client id -> the ``wanted_by`` of a task only that client wants (shared).
+_ONLY: dict[str, frozenset] = {}
+
+
+def forget_client(cid: str) -> None:
+    _ONLY.pop(cid, None)
 # Dependents are kept in a list up to this many, then in a dict: removing
 # one from a list is a scan, and a widely shared input may have 100k.
 SMALL_DEPENDENTS = 32
@@ -116,10 +122,17 @@ class SchedulerTask:
         self.started_on: WorkerRecord | None = None  # the worker that said it began running it
 
     def want(self, cid: str) -> None:
-        if self.wanted_by:
-            self.wanted_by.add(cid)
-        else:
-            self.wanted_by = {cid}
+        wanted_by = self.wanted_by
+        if not wanted_by:
+            # Wanted by one client, as most are: that client's shared
+            # singleton, not a set (216 bytes) per task.
+            only = _ONLY.get(cid)
+            self.wanted_by = only if only is not None else _ONLY.setdefault(cid, frozenset((cid,)))
+        elif cid not in wanted_by:
+            if type(wanted_by) is frozenset:
+                self.wanted_by = {*wanted_by, cid}
+            else:
+                wanted_by.add(cid)
 
     def unwant(self, cid: str) -> None:
         wanted_by = self.wanted_by
@@ -127,7 +140,7 @@ class SchedulerTask:
             if len(wanted_by) == 1:
                 self.wanted_by = NOBODY  # most tasks are never wanted: no empty set each
             else:
-                wanted_by.discard(cid)
+                wanted_by.discard(cid)  # (a set: singletons have one member)
 
     def add_holder(self, ws: "WorkerRecord") -> bool:
         who_has = self.who_has

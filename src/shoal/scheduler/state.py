@@ -52,6 +52,7 @@ from .records import (
     ClientRecord,
     SchedulerTask,
     WorkerRecord,
+    forget_client,
 )
 from .validate import InvariantError, validate_state  # noqa: F401  (re-exported)
 
@@ -115,7 +116,7 @@ class SchedulerState:
         self.retirements = Retirements(self)
         # Workers being retired get no tasks: placement checks this dict.
         self._retiring = self.retirements.workers
-        self.queued = RootQueue()  # of (*priority, id, task)
+        self.queued = RootQueue()  # of (*priority, arrival, task)
         self.unrunnable: set[SchedulerTask] = set()
         # Graphs arriving in parts: client -> generation of the graph.
         self._partial: dict[str, int] = {}
@@ -318,6 +319,7 @@ class SchedulerState:
         self.disconnected.pop(ev.cid, None)
         self._drop_partial(ev.cid)
         cr = self.clients.pop(ev.cid)
+        forget_client(ev.cid)
         recs: dict = {}
         for ts in cr.wants:
             ts.unwant(ev.cid)
