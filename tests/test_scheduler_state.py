@@ -1678,7 +1678,7 @@ def test_results_finishing_together_share_one_message_with_addresses_once():
     [msg] = to_client(cmds, m.KeysInMemory)
     assert msg.addresses == [addr(1)]
     assert sorted(msg.ids) == sorted(d.id for d in done)
-    assert msg.holders == [[0]] * len(done)
+    assert msg.holders == [0] * len(done)  # one holder each: its index alone
     assert msg.nbytes == [10 + i for i in msg.ids]
 
 

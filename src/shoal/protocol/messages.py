@@ -149,11 +149,12 @@ class Welcome(Msg, tag=20):
 class KeysInMemory(Msg, tag=21):
     """Results now held by workers, one column per field (a map of 100k
     tasks would otherwise be 100k messages).  ``holders[i]`` indexes into
-    ``addresses``, so each worker's address is written once per message."""
+    ``addresses``, so each worker's address is written once per message: one
+    index for a result with one holder (nearly all), a list for several."""
 
     keys: list[Key]
     ids: list[int]
-    holders: list[list[int]]
+    holders: list[Union[int, list[int]]]
     addresses: list[str]  # data-server addresses
     nbytes: list[int]
     type_names: list[str]
@@ -166,7 +167,7 @@ class KeysInMemory(Msg, tag=21):
         for key, tid, hs, nb, tn in zip(self.keys, self.ids, self.holders, self.nbytes, self.type_names):
             if type(key) is list:
                 key = as_key(key)
-            yield key, tid, single[hs[0]] if len(hs) == 1 else [addrs[h] for h in hs], nb, tn
+            yield key, tid, single[hs] if type(hs) is int else [addrs[h] for h in hs], nb, tn
 
 
 class KeyErred(Msg, tag=22):

@@ -56,7 +56,7 @@ class Commands:
             hs.append(i)
         msg.keys.append(key)
         msg.ids.append(tid)
-        msg.holders.append(hs)
+        msg.holders.append(hs[0] if len(hs) == 1 else hs)
         msg.nbytes.append(nbytes)
         msg.type_names.append(type_name)
 
