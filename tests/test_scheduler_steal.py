@@ -127,3 +127,24 @@ def test_a_thief_that_left_meanwhile_gets_nothing():
 def test_stealing_can_be_turned_off():
     s, cmds = backlog(4, work_stealing=False)
     assert not steal_ids(cmds)
+
+
+def inputs_on_worker_1(nbytes, n=4):
+    s = setup(nworkers=1, queue_ahead=8)
+    submit(s, {"x": []})
+    finish(s, 1, "x", nbytes=nbytes)
+    cmds = submit(s, {f"y{i}": ["x"] for i in range(n)}, wanted=[f"y{i}" for i in range(n)])
+    assert set(placed(cmds).values()) == {1}
+    worker_send(s, 1, m.TasksStarted([tid(s, "y0")]))
+    return s, join_worker(s, 2)
+
+
+def test_tasks_reading_small_inputs_held_elsewhere_are_stolen():
+    s, cmds = inputs_on_worker_1(nbytes=1000)
+    assert steal_ids(cmds)
+
+
+def test_tasks_whose_inputs_cost_more_to_move_than_to_wait_for_stay():
+    # 8 MiB to fetch for tasks of unknown (so: short) duration: not worth it.
+    s, cmds = inputs_on_worker_1(nbytes=8 * 2**20)
+    assert not steal_ids(cmds)

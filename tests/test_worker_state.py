@@ -728,6 +728,22 @@ def test_steal_gives_back_what_has_not_started_and_keeps_the_rest():
     assert finished_ids(cmds) == [1] and not cmds.run  # 2 does not run here
 
 
+def test_a_task_stolen_and_sent_back_runs_once_and_never_compares_tasks():
+    # Dropped while ready, it leaves a stale heap entry with the same priority
+    # and id as the new one: ordering must not fall through to the tasks.
+    ws = make_state(nthreads=1)
+    sched(ws, execute(1, prio=(0,)), execute(2, prio=(5,)))
+    sched(ws, m.StealTasks([2]))
+    sched(ws, execute(2, prio=(5,)))  # placed here again
+    sched(ws, m.CancelTasks([2]))
+    cmds = sched(ws, execute(2, prio=(5,)))
+    assert not cmds.run
+    cmds = ws.handle([TaskCompleted(1, 8)])
+    assert run_ids(cmds) == [2]
+    cmds = ws.handle([TaskCompleted(2, 8)])
+    assert finished_ids(cmds) == [2] and not cmds.run
+
+
 def test_steal_keeps_a_finished_task():
     ws = make_state(nthreads=1)
     sched(ws, execute(1))

@@ -25,7 +25,7 @@ def gated_on(data, path, started, log):
 def test_an_idle_worker_takes_tasks_queued_behind_its_inputs(client, gates, tmp_path):
     # Every task reads an input held on local-0, so placement by locality
     # queues all of them there; local-1 has nothing to do but steal.
-    data = client.submit(block, 100_000, workers=["local-0"], pure=False)
+    data = client.submit(block, 1000, workers=["local-0"], pure=False)
     data.result(timeout=SHORT)
     log = tmp_path / "runs.log"
     blockers = [gates() for _ in range(4)]
@@ -36,7 +36,7 @@ def test_an_idle_worker_takes_tasks_queued_behind_its_inputs(client, gates, tmp_
     assert len(pids) == 2, log.read_text()
     for g, _ in blockers:
         Path(g).touch()
-    assert [f.result(timeout=SHORT) for f in futs] == [(g, 100_000) for g, _ in blockers]
+    assert [f.result(timeout=SHORT) for f in futs] == [(g, 1000) for g, _ in blockers]
     runs = [line.split()[0] for line in log.read_text().splitlines()]
     assert sorted(runs) == sorted(s for _, s in blockers), "a stolen task ran twice or not at all"
     assert client.scheduler_info(validate=True)["invariant_error"] == ""

@@ -12,7 +12,10 @@ before anything moves, a stolen task never runs twice.
 
 Only tasks free to move are taken: inputs all in memory, no worker
 restrictions or resources, no dependent already sent ahead to wait for it
-there.  One request per victim is in flight at a time, and the tasks taken
+there, and inputs cheap to move: what the thief would have to fetch stays
+under ``STEAL_MIN_BYTES``, or under what the victim's recent tasks took to run
+at ``STEAL_BANDWIDTH`` (a task that reads 8 MiB and runs for a millisecond
+is better left where its input is; moving it would also double that memory).  One request per victim is in flight at a time, and the tasks taken
 are the victim's least urgent, so its own next tasks and the runs of
 neighbours that feed its reductions stay put.
 
@@ -28,6 +31,13 @@ from .records import MEMORY, PROCESSING, RELEASED, WAITING, SchedulerTask, Worke
 
 if TYPE_CHECKING:
     from .state import SchedulerState
+
+
+# Inputs the thief would fetch for a stolen task: always allowed up to this
+# many bytes, and beyond it as many as this bandwidth moves in the time the
+# victim's tasks take (its running mean).
+STEAL_MIN_BYTES = 2**20
+STEAL_BANDWIDTH = 100e6  # bytes per second
 
 
 class Stealing:
@@ -116,7 +126,8 @@ class Stealing:
         return ws.nthreads - len(ws.ghosts) - len(ws.processing) - self.expecting.get(ws.wid, 0)
 
     def _ask(self, victim: WorkerRecord, thief: WorkerRecord) -> None:
-        movable = [ts for ts in victim.processing if _movable(ts, victim)]
+        limit = max(STEAL_MIN_BYTES, victim.mean_duration * STEAL_BANDWIDTH)
+        movable = [ts for ts in victim.processing if _movable(ts, victim, thief, limit)]
         if not movable:
             return
         # Even out the two backlogs, without leaving the victim's own threads idle.
@@ -144,12 +155,17 @@ class Stealing:
         return thief
 
 
-def _movable(ts: SchedulerTask, ws: WorkerRecord) -> bool:
+def _movable(ts: SchedulerTask, ws: WorkerRecord, thief: WorkerRecord, limit: float) -> bool:
     if ts.started_on is ws or ts.workers is not None or ts.resources:
         return False
+    to_fetch = 0
     for dep in ts.dependencies:
         if dep.state is not MEMORY:
             return False  # sent ahead: it waits for an input running there
+        if thief not in dep.who_has:
+            to_fetch += dep.nbytes
+    if to_fetch > limit:
+        return False
     for dts in ts.dependents:
         if dts.state is PROCESSING and dts.processing_on is ws:
             return False  # a dependent waits for it there

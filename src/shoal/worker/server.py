@@ -311,9 +311,14 @@ class Worker:
             store.unspill(tid, what=self._describe(tid))
         failed = self._spill(cmds.spill) if cmds.spill else None
         sched = self._scheduler
-        if cmds.to_scheduler and sched is not None and not sched.closed:
-            sched.send_many(cmds.to_scheduler)
-            if cmds.run and type(cmds.to_scheduler[-1]) is m.TasksStarted:
+        to_scheduler = cmds.to_scheduler
+        if self.zero and to_scheduler:
+            # Nothing runs on a zero worker, so nothing can crash it: what it
+            # started needs no telling (and no packet before each start).
+            to_scheduler = [x for x in to_scheduler if type(x) is not m.TasksStarted]
+        if to_scheduler and sched is not None and not sched.closed:
+            sched.send_many(to_scheduler)
+            if cmds.run and type(to_scheduler[-1]) is m.TasksStarted:
                 sched.flush()  # TasksStarted reaches the kernel before any task can crash us
         if self.zero and cmds.run:
             self._zero_run(cmds.run)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import itertools
 from typing import Any, Iterable
 
 import msgspec
@@ -209,7 +210,12 @@ class WorkerState:
         self.wid: int | None = None
         self.tasks: dict[int, WorkerTask] = {}
         self.peers: dict[int, str] = {}
-        self.ready: list = []  # heap of (priority, id, task)
+        # Heap of (priority, id, arrival, task).  The arrival number keeps
+        # comparisons off the task: a task dropped and sent again (stolen and
+        # given back, cancelled and resubmitted) has a stale entry with the
+        # same priority and id, and tasks are not orderable.
+        self.ready: list = []
+        self._arrivals = itertools.count()
         self.executing: set[WorkerTask] = set()
         self.to_fetch: set[WorkerTask] = set()
         # Set when fetching may start anew (new inputs to fetch, a peer free):
@@ -366,7 +372,7 @@ class WorkerState:
             ts.state = WAITING
         else:
             ts.state = READY
-            heapq.heappush(self.ready, (ts.priority, ts.id, ts))
+            heapq.heappush(self.ready, (ts.priority, ts.id, next(self._arrivals), ts))
 
     def _on_acquire_data(self, msg: m.AcquireData) -> None:
         """Fetch and keep copies of data held elsewhere (the scheduler is
@@ -664,7 +670,7 @@ class WorkerState:
                 dts.missing -= 1
                 if dts.missing == 0:
                     dts.state = READY
-                    heapq.heappush(self.ready, (dts.priority, dts.id, dts))
+                    heapq.heappush(self.ready, (dts.priority, dts.id, next(self._arrivals), dts))
 
     def _drop(self, ts: WorkerTask) -> None:
         """Forget ``ts`` here; inputs that nothing else needs go with it."""
@@ -698,7 +704,7 @@ class WorkerState:
         ready, executing = self.ready, self.executing
         started = []
         while ready and len(executing) < self.nthreads:
-            _, _, ts = heapq.heappop(ready)
+            ts = heapq.heappop(ready)[-1]
             if ts.state is not READY:
                 continue
             ts.state = EXECUTING
