@@ -23,6 +23,10 @@ class TaskState(enum.Enum):
     __hash__ = object.__hash__
 
 
+# Recommendation targets of the core's transitions beyond the states themselves.
+READY = "ready"
+FORGOTTEN = "forgotten"
+
 # Short names for the states, shared by the core and its invariants.
 RELEASED = TaskState.RELEASED
 WAITING = TaskState.WAITING
