@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol import messages as m
 from ..spec import find_cycle
-from .records import ERRED, FORGOTTEN, MEMORY, RELEASED, WAITING, ClientRecord, SchedulerTask
+from .records import FORGOTTEN, RELEASED, WAITING, ClientRecord, SchedulerTask
 
 if TYPE_CHECKING:
     from .state import SchedulerState
@@ -125,15 +125,7 @@ def submit_graph(state: "SchedulerState", cid: str, msg: m.SubmitGraph) -> None:
     client = state.clients[cid]
     recs: dict = {}
     for key in wanted:
-        ts = tasks[key]
-        ts.want(cid)
-        client.wants.add(ts)
-        if ts.state is MEMORY:
-            state._tell_in_memory(cid, ts)
-        elif ts.state is ERRED:
-            state._cmds.client(cid, state._erred_msg(ts))
-        elif ts.state is RELEASED:
-            recs[ts] = WAITING
+        state._want(cid, client, tasks[key], recs)
     state._transitions(recs)
     state._drop_partial(cid)  # the whole graph is known: its parts' pins go
     for ts in new.values():

@@ -366,14 +366,7 @@ class SchedulerState:
             if ts is None:
                 lost.append(key)
                 continue
-            ts.want(cid)
-            client.wants.add(ts)
-            if ts.state is MEMORY:
-                self._tell_in_memory(cid, ts)
-            elif ts.state is ERRED:
-                self._cmds.client(cid, self._erred_msg(ts))
-            elif ts.state is RELEASED:
-                recs[ts] = WAITING  # known from its lineage: computed again
+            self._want(cid, client, ts, recs)  # (a released one is known from its lineage: computed again)
         for ts in sorted(client.wants, key=_by_id):
             if ts.key not in held:
                 ts.unwant(cid)
@@ -386,6 +379,18 @@ class SchedulerState:
             )
             self._cmds.client(cid, m.KeysLost(lost, reason))
         self._transitions(recs)
+
+    def _want(self, cid: str, client: ClientRecord, ts: SchedulerTask, recs: dict) -> None:
+        """``cid`` holds a future for ``ts``: pin it, and tell the client where
+        it stands (or plan it, if it was released)."""
+        ts.want(cid)
+        client.wants.add(ts)
+        if ts.state is MEMORY:
+            self._tell_in_memory(cid, ts)
+        elif ts.state is ERRED:
+            self._cmds.client(cid, self._erred_msg(ts))
+        elif ts.state is RELEASED:
+            recs[ts] = WAITING
 
     def _on_release_keys(self, cid: str, msg) -> None:
         client = self.clients[cid]
