@@ -44,7 +44,10 @@ _ONLY: dict[str, frozenset] = {}
 
 
 def forget_client(cid: str) -> None:
+    """``cid`` left: its singleton is not made for new tasks any more."""
     _ONLY.pop(cid, None)
+
+
 # Dependents are kept in a list up to this many, then in a dict: removing
 # one from a list is a scan, and a widely shared input may have 100k.
 SMALL_DEPENDENTS = 32
@@ -111,7 +114,8 @@ class SchedulerTask:
         self.processing_on: WorkerRecord | None = None
         self.nbytes = 0
         self.type_name = ""
-        # Client ids holding futures: a set once one does (see ``want``).
+        # Client ids holding futures: NOBODY, one client's shared singleton,
+        # or a set once several do (see ``want``).
         self.wanted_by: set[str] | frozenset = NOBODY
         self.retries = 0
         self.crashes = 0

@@ -418,8 +418,7 @@ class SchedulerState:
             if recs:
                 self._transitions(recs)
         elif ts is not None and ts.state is MEMORY:
-            if ws not in ts.who_has:
-                ts.add_holder(ws)
+            if ts.add_holder(ws):
                 ws.has_what.add(ts)
                 ws.nbytes += ts.nbytes
         else:
@@ -483,8 +482,7 @@ class SchedulerState:
         for tid, nbytes in zip(msg.ids, msg.nbytes):
             ts = self.by_id.get(tid)
             if ts is not None and ts.state is MEMORY:
-                if ws not in ts.who_has:
-                    ts.add_holder(ws)
+                if ts.add_holder(ws):
                     ws.has_what.add(ts)
                     ws.nbytes += ts.nbytes
             else:
@@ -496,8 +494,7 @@ class SchedulerState:
             return
         holder = self.workers.get(msg.holder)
         recs: dict = {}
-        if holder is not None and holder in ts.who_has:
-            ts.remove_holder(holder)
+        if holder is not None and ts.remove_holder(holder):
             holder.has_what.discard(ts)
             holder.nbytes -= ts.nbytes
             if not ts.who_has and ts.state is MEMORY:
@@ -777,10 +774,7 @@ class SchedulerState:
         ts.nbytes = nbytes
         # One string per type, not one per task (each decoded message brings its own).
         ts.type_name = _intern(type_name)
-        if ts.who_has:
-            ts.add_holder(ws)
-        else:
-            ts.who_has = [ws]
+        ts.add_holder(ws)
         ws.has_what.add(ts)
         ws.nbytes += nbytes
         recs: dict = {}

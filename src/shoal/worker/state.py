@@ -371,8 +371,11 @@ class WorkerState:
         if ts.missing:
             ts.state = WAITING
         else:
-            ts.state = READY
-            heapq.heappush(self.ready, (ts.priority, ts.id, next(self._arrivals), ts))
+            self._make_ready(ts)
+
+    def _make_ready(self, ts: WorkerTask) -> None:
+        ts.state = READY
+        heapq.heappush(self.ready, (ts.priority, ts.id, next(self._arrivals), ts))
 
     def _on_acquire_data(self, msg: m.AcquireData) -> None:
         """Fetch and keep copies of data held elsewhere (the scheduler is
@@ -669,8 +672,7 @@ class WorkerState:
             if dts.state is WAITING:
                 dts.missing -= 1
                 if dts.missing == 0:
-                    dts.state = READY
-                    heapq.heappush(self.ready, (dts.priority, dts.id, next(self._arrivals), dts))
+                    self._make_ready(dts)
 
     def _drop(self, ts: WorkerTask) -> None:
         """Forget ``ts`` here; inputs that nothing else needs go with it."""
